@@ -1,0 +1,148 @@
+"""Distributed checkpoints through megatron-core's dist_checkpointing, published atomically.
+
+Layout of a checkpoint root::
+
+    ROOT/step_00000100/      one complete checkpoint (dist_checkpointing format + bolt_meta.json)
+    ROOT/latest              text file naming the newest complete step directory
+
+Every rank writes its shards into ``ROOT/.step_00000100.partial``; after a barrier, rank 0 writes
+``bolt_meta.json``, renames the directory into place and then rewrites ``latest`` (via a temp file and
+``os.replace``). A crash at any point leaves either the previous ``latest`` or the new one, never a pointer
+to a half-written checkpoint; stale ``.partial`` directories are removed by the next save.
+Tensors are resharded on load, so a checkpoint saved at one TP/PP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+META = "bolt_meta.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def model_sharded_state_dict(model: list) -> dict[str, Any]:
+    if len(model) == 1:
+        return {"model": _unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: dict[str, Any] | None = None,
+         keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it with its own sharded state dict. Returns the published directory."""
+    root = Path(root)
+    final = step_dir(root, step)
+    partial = root / f".{final.name}.partial"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step_*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.mkdir()
+    _barrier()
+    dist_checkpointing.save(sharded_state_dict, str(partial))
+    _barrier()
+    if _rank() == 0:
+        write_text_atomic(partial / META, json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True))
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        write_text_atomic(root / "latest", final.name + "\n")
+        if keep_last:
+            for old in list_steps(root)[:-keep_last]:
+                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def list_steps(root: str | Path) -> list[int]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_RE.match(p.name)) and (p / META).is_file())
+
+
+def resolve(path: str | Path) -> Path | None:
+    """A step directory as given, or the one a root's ``latest`` names; None for an empty/new root."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / META).is_file():
+            raise CheckpointError(f"{latest} names {target}, which is not a complete checkpoint")
+        return target
+    if path.is_dir() and any(path.iterdir()):
+        if (path / "metadata.json").is_file():
+            raise CheckpointError(f"{path} is a dist_checkpointing directory without {META}: not saved by bolt")
+        steps = list_steps(path)
+        if steps:
+            return step_dir(path, steps[-1])
+        raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' and no step_* with {META})")
+    return None
+
+
+def read_meta(ckpt: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / META).read_text())
+
+
+def load(ckpt: str | Path, sharded_state_dict: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """Collective load into the given sharded state dict's layout (resharding as needed)."""
+    ckpt = Path(ckpt)
+    if not (ckpt / META).is_file():
+        raise CheckpointError(f"{ckpt} is not a complete bolt checkpoint (missing {META})")
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED
+    return dist_checkpointing.load(sharded_state_dict, str(ckpt), strict=handling)
+
+
+def save_model(root: str | Path, step: int, model: list, meta: dict[str, Any] | None = None) -> Path:
+    return save(root, step, model_sharded_state_dict(model), meta)
+
+
+def load_model(ckpt: str | Path, model: list) -> dict[str, Any]:
+    """Load model weights only (for scoring, export, fine-tuning from a checkpoint)."""
+    sd = model_sharded_state_dict(model)
+    loaded = load(ckpt, sd, strict=False)
+    for i, chunk in enumerate(model):
+        key = "model" if len(model) == 1 else f"model{i}"
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    return read_meta(ckpt)

@@ -1,0 +1,123 @@
+"""The ``bolt`` command: one subcommand per pipeline stage.
+
+    bolt train --config examples/tiny_cpu.yaml train.train_iters=50
+    torchrun --nproc-per-node 2 -m megatron_bolt.cli train --config ... parallel.tensor_model_parallel_size=2
+
+Every subcommand takes ``--config FILE.yaml`` plus ``key=value`` overrides; ``bolt CMD --help`` lists the
+config keys it reads, with defaults and meaning. Handlers are imported only when their command runs, so
+``--help`` never pays for importing torch or megatron-core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+
+from megatron_bolt.config.loader import field_help
+from megatron_bolt.config.schema import BoltConfig, ConfigError
+
+log = logging.getLogger("bolt")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    help: str
+    required: bool = False
+    type: type = str
+    default: object = None
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    sections: tuple[str, ...]
+    handler: str | None  # "module:function" taking (cfg, args); None until its issue lands
+    flags: tuple[Flag, ...] = field(default_factory=tuple)
+
+
+ALL = ("model", "parallel", "data", "train", "estep", "em", "eval")
+
+COMMANDS: dict[str, Command] = {
+    "quickstart": Command("Run the whole EM loop at tiny scale on this machine (the README's main job).", ALL,
+                          "megatron_bolt.em.quickstart:main",
+                          (Flag("--out", "Output directory (default: runs/quickstart)."),)),
+    "prepare": Command("Read a corpus, split it and chunk documents by sentences.", ("data",), None),
+    "synthesize": Command("Write warm-start latents with a teacher model (OpenAI-compatible or local).",
+                          ("data",), None),
+    "build-dataset": Command("Build joint latent+text Megatron indexed datasets.", ("data",), None),
+    "train": Command("M-step: train the Megatron model (launch with torchrun for several ranks).",
+                     ("model", "parallel", "data", "train"), "megatron_bolt.train.loop:main"),
+    "import-hf": Command("Convert a Hugging Face Llama checkpoint to a Megatron distributed checkpoint.",
+                         ("model", "parallel"), None,
+                         (Flag("--hf-dir", "HF model directory.", required=True),
+                          Flag("--out", "Output checkpoint directory.", required=True),
+                          Flag("--tp", "Tensor parallel size of the saved layout.", type=int, default=1),
+                          Flag("--pp", "Pipeline parallel size of the saved layout.", type=int, default=1))),
+    "export-hf": Command("Export a Megatron checkpoint as a Hugging Face directory.", ("model",), None,
+                         (Flag("--ckpt", "Checkpoint directory.", required=True),
+                          Flag("--out", "Output HF directory.", required=True))),
+    "sample": Command("Sample latents for text chunks through a generation backend.", ("estep",), None),
+    "score": Command("Teacher-forced per-token log-probabilities with the Megatron model.",
+                     ("model", "parallel"), None,
+                     (Flag("--ckpt", "Checkpoint directory.", required=True),
+                      Flag("--input", "Input JSONL (token_ids or text per line).", required=True),
+                      Flag("--output", "Output JSONL.", required=True))),
+    "estep": Command("E-step: sample, score, importance-resample latents for the next iteration.",
+                     ("model", "parallel", "estep"), None),
+    "em": Command("Run the EM loop: warm start, then E-step / M-step iterations.", ALL, None),
+    "eval": Command("Few-shot evaluation (embedded task, MATH, GSM8K).", ("model", "eval"), None,
+                    (Flag("--ckpt", "Checkpoint or HF directory to evaluate."),)),
+}
+
+
+def _config_epilog(sections: tuple[str, ...]) -> str:
+    rows = [r for r in field_help(BoltConfig) if r[0].split(".")[0] in sections]
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (set in --config YAML or as key=value overrides):"]
+    for key, default, text in rows:
+        lines.append(f"  {key:<{width}}  {text} [default: {default}]")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bolt", description="megatron-bolt: BoLT latent-thought pretraining on megatron-core.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="INFO", help="Python logging level.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, epilog=_config_epilog(cmd.sections),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML config file (see examples/).")
+        for flag in cmd.flags:
+            p.add_argument(flag.name, help=flag.help, required=flag.required, type=flag.type, default=flag.default)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.lr=3e-4.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cmd = COMMANDS[args.command]
+    if cmd.handler is None:
+        print(f"bolt {args.command}: not implemented yet", file=sys.stderr)
+        return 2
+    from megatron_bolt.config.loader import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        cfg.validate()
+    except ConfigError as exc:
+        print(f"bolt {args.command}: {exc}", file=sys.stderr)
+        return 2
+    module, func = cmd.handler.split(":")
+    return int(getattr(importlib.import_module(module), func)(cfg, args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

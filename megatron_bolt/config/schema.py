@@ -1,0 +1,203 @@
+"""The typed configuration tree: the single source of truth for every stage.
+
+Each section is a dataclass whose fields carry their help text (``opt(default, "help")``); the CLI renders
+``--help`` from it, YAML files and ``key=value`` overrides are checked against it, and ``validate()``
+rejects layouts that cannot work before any process group starts, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message names the field and what to change."""
+
+
+def opt(default: Any, help: str, **kwargs) -> Any:
+    """A dataclass field with help text; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def section(cls, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, no biases, untied embeddings by default)."""
+
+    num_layers: int = opt(4, "Transformer layers.")
+    hidden_size: int = opt(128, "Model width.")
+    num_attention_heads: int = opt(4, "Query heads.")
+    num_query_groups: int = opt(2, "Key/value heads (GQA groups); equal to heads for plain multi-head attention.")
+    ffn_hidden_size: int = opt(352, "SwiGLU intermediate size (per branch).")
+    kv_channels: int | None = opt(None, "Per-head dimension; default hidden_size / num_attention_heads.")
+    vocab_size: int = opt(128, "Tokenizer vocabulary size, latent tokens included (padded up internally).")
+    make_vocab_size_divisible_by: int = opt(64, "Pad the embedding rows to a multiple of this times TP.")
+    max_position_embeddings: int = opt(256, "Longest sequence the model is built for (RoPE table size).")
+    rotary_base: float = opt(10000.0, "RoPE theta.")
+    rope_scaling: dict[str, Any] | None = opt(
+        None, "HF-style rope scaling dict (Llama 3.x: rope_type=llama3, factor, ...); None for plain RoPE."
+    )
+    norm_epsilon: float = opt(1e-5, "RMSNorm epsilon.")
+    init_method_std: float = opt(0.02, "Std of the normal weight initialisation.")
+    tie_word_embeddings: bool = opt(False, "Share input embedding and output layer (BoLT unties them).")
+    transformer_impl: Literal["local", "transformer_engine"] = opt(
+        "local", "Layer implementation: 'local' (pure PyTorch) or 'transformer_engine' (fused, FP8-capable)."
+    )
+    attention_backend: Literal["sdpa", "unfused"] = opt(
+        "sdpa",
+        "Core attention for the local spec: 'sdpa' (torch scaled_dot_product_attention, flash kernels on "
+        "GPU) or 'unfused' (megatron-core's reference DotProductAttention).",
+    )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the model is split; data parallel size is whatever the world size leaves over."""
+
+    tensor_model_parallel_size: int = opt(1, "Tensor parallel ranks (split heads, FFN and vocab).")
+    pipeline_model_parallel_size: int = opt(1, "Pipeline stages (split layers).")
+    virtual_pipeline_model_parallel_size: int | None = opt(
+        None, "Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."
+    )
+    sequence_parallel: bool = opt(False, "Shard activations along the sequence in TP regions (needs TP > 1).")
+    use_distributed_optimizer: bool = opt(False, "Shard optimizer state across data-parallel ranks (ZeRO-1).")
+    overlap_grad_reduce: bool = opt(False, "Overlap the data-parallel gradient reduce with backward.")
+    overlap_param_gather: bool = opt(False, "Overlap the distributed optimizer's param all-gather with forward.")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where training sequences come from and how they are shaped."""
+
+    data_prefix: list[str] = opt([], "Megatron indexed dataset prefixes (path without .bin/.idx).")
+    tokenizer: str | None = opt(None, "Tokenizer directory (HF format, latent tokens included).")
+    seq_length: int = opt(128, "Tokens per training row.")
+    max_unit_tokens: int | None = opt(
+        None, "Longest latent+text unit in the data, if known; checked against seq_length."
+    )
+    truncate_long_units: bool = opt(False, "Truncate units longer than seq_length instead of failing.")
+    loss_on_raw: bool = opt(True, "Train on raw-only spans too (the paper trains on every token).")
+    seed: int = opt(1234, "Shuffling and layout-coin seed.")
+    num_workers: int = opt(0, "DataLoader worker processes per rank.")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    save: str | None = opt(None, "Directory for distributed checkpoints (None: do not save).")
+    load: str | None = opt(None, "Checkpoint to start from (a step directory or a run's checkpoint root).")
+    save_interval: int = opt(0, "Save every N steps (0: only at the end).")
+    keep_last: int = opt(2, "Checkpoints to keep; older ones are deleted after a newer save completes.")
+    finetune: bool = opt(False, "Load weights only (fresh optimizer, scheduler and step count).")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The M-step optimisation."""
+
+    micro_batch_size: int = opt(4, "Rows per micro-batch per data-parallel rank.")
+    global_batch_size: int = opt(8, "Rows per optimizer step across all data-parallel ranks.")
+    train_iters: int = opt(20, "Optimizer steps.")
+    lr: float = opt(1e-3, "Peak learning rate.")
+    min_lr: float = opt(1e-4, "Final learning rate of the cosine decay.")
+    lr_warmup_iters: int = opt(2, "Linear warm-up steps.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = opt("cosine", "Learning-rate decay after warm-up.")
+    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.95, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    clip_grad: float = opt(1.0, "Gradient norm clip (0 disables).")
+    precision: Literal["fp32", "bf16", "fp8"] = opt(
+        "bf16", "Compute precision; CPUs always train in fp32. fp8 needs Transformer Engine on Hopper or newer."
+    )
+    fp8_format: Literal["hybrid", "e4m3"] = opt("hybrid", "FP8 format (hybrid: e4m3 forward, e5m2 backward).")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = opt("delayed", "FP8 scaling recipe.")
+    fp8_amax_history_len: int = opt(1024, "Delayed scaling: amax history length.")
+    fp8_amax_compute_algo: Literal["max", "most_recent"] = opt("max", "Delayed scaling: amax reduction.")
+    fp8_bf16_first_last_layers: int = opt(0, "Keep this many first and last layers in bf16 under FP8.")
+    recompute: Literal["none", "selective", "full"] = opt("none", "Activation recomputation.")
+    seed: int = opt(1234, "Weight-init and dropout seed.")
+    log_interval: int = opt(1, "Log every N steps.")
+    tensorboard_dir: str | None = opt(None, "TensorBoard event directory (None: next to the checkpoints).")
+    on_nonfinite: Literal["stop", "skip"] = opt("stop", "On a NaN/Inf loss or grad norm: stop, or skip the step.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Saving and loading.")
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How latents are drawn; T = 1, top-p 1 and no top-k keep log q exact (bolt-method.md)."""
+
+    backend: Literal["hf", "trtllm", "vllm"] = opt("hf", "Generation backend.")
+    num_samples: int = opt(4, "Latents drawn per chunk (K).")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling mass.")
+    top_k: int = opt(0, "Top-k (0 disables; anything else distorts q).")
+    max_new_tokens: int = opt(1024, "Longest latent generated.")
+    seed: int = opt(0, "Sampling seed.")
+
+
+@dataclass(kw_only=True)
+class EStepConfig:
+    """Sampling, joint scoring and importance resampling of latents."""
+
+    prefix_chunks: int = opt(3, "Raw chunks before the current one used as context.")
+    context_length: int = opt(2048, "Longest prompt + generation / scored sequence.")
+    num_shards: int = opt(1, "Independent shards the chunks are split into.")
+    resample_seed: int = opt(0, "Seed of the importance-resampling draw.")
+    sampling: SamplingConfig = section(SamplingConfig, "Latent generation.")
+
+
+@dataclass(kw_only=True)
+class EMConfig:
+    """The outer loop: warm start, then bootstrap iterations."""
+
+    iterations: int = opt(2, "Bootstrap EM iterations after the warm start.")
+    restart_from_base: bool = opt(True, "Each M-step starts from the base weights (the paper), not the last iterate.")
+    run_dir: str = opt("runs/bolt", "Directory holding every stage's artifacts and manifests.")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    task: Literal["embedded", "math", "gsm8k"] = opt("embedded", "Benchmark.")
+    data_path: str | None = opt(None, "Local JSONL/Parquet/HF-datasets directory with the problems.")
+    num_shots: int | None = opt(None, "Demonstrations (default: MATH 4, GSM8K 8).")
+    max_new_tokens: int = opt(512, "Generation budget per problem.")
+    limit: int | None = opt(None, "Evaluate only the first N problems.")
+
+
+@dataclass(kw_only=True)
+class BoltConfig:
+    """Everything one `bolt` command needs."""
+
+    model: ModelConfig = section(ModelConfig, "Model architecture.")
+    parallel: ParallelConfig = section(ParallelConfig, "Model and data parallel layout.")
+    data: DataConfig = section(DataConfig, "Training data.")
+    train: TrainConfig = section(TrainConfig, "M-step optimisation.")
+    estep: EStepConfig = section(EStepConfig, "E-step.")
+    em: EMConfig = section(EMConfig, "EM loop.")
+    eval: EvalConfig = section(EvalConfig, "Evaluation.")
+
+    def validate(self, world_size: int | None = None) -> BoltConfig:
+        """Raise ConfigError for any layout that cannot work; returns self for chaining."""
+        from megatron_bolt.config.validate import validate
+
+        validate(self, world_size)
+        return self
+
+
+def is_section(f: dataclasses.Field) -> bool:
+    return isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)

@@ -1,0 +1,134 @@
+"""Build a Llama-style megatron-core GPTModel from a BoltConfig.
+
+This is the one place that decides the layer implementation (local PyTorch with SDPA attention, or
+Transformer Engine) and the precision, and that splits the model into pipeline / virtual-pipeline chunks.
+Call it after ``runtime.initialize`` (parallel_state must exist).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_bolt.config.schema import BoltConfig, ConfigError
+from megatron_bolt.models import te
+
+
+def compute_dtype(cfg: BoltConfig) -> torch.dtype:
+    """bf16/fp8 train with bf16 params on GPU; CPUs always compute in fp32."""
+    if not torch.cuda.is_available() or cfg.train.precision == "fp32":
+        return torch.float32
+    return torch.bfloat16
+
+
+def _rope_scaling(cfg: BoltConfig) -> tuple[bool, float]:
+    """Map an HF rope_scaling dict onto megatron-core's Llama-3.1 scaling (its only built-in kind)."""
+    rs = cfg.model.rope_scaling
+    if not rs:
+        return False, 8.0
+    kind = rs.get("rope_type", rs.get("type"))
+    expected = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if kind != "llama3" or any(float(rs.get(k, v)) != float(v) for k, v in expected.items()):
+        raise ConfigError(
+            f"model.rope_scaling={rs} is not supported: megatron-core implements Llama-3.1 scaling "
+            f"(rope_type=llama3 with {expected}) only"
+        )
+    return True, float(rs.get("factor", 8.0))
+
+
+def transformer_config(cfg: BoltConfig) -> TransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = compute_dtype(cfg)
+    on_gpu = torch.cuda.is_available()
+    recompute = {} if t.recompute == "none" else {
+        "recompute_granularity": t.recompute,
+        **({"recompute_method": "uniform", "recompute_num_layers": 1} if t.recompute == "full" else {}),
+    }
+    fp8 = {}
+    if t.precision == "fp8":
+        fp8 = dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe, fp8_amax_history_len=t.fp8_amax_history_len,
+                   fp8_amax_compute_algo=t.fp8_amax_compute_algo,
+                   num_layers_at_start_in_bf16=t.fp8_bf16_first_last_layers,
+                   num_layers_at_end_in_bf16=t.fp8_bf16_first_last_layers,
+                   first_last_layers_bf16=t.fp8_bf16_first_last_layers > 0)
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # Fusions that need apex/TE or CUDA kernels; the local spec runs the PyTorch equivalents.
+        bias_activation_fusion=on_gpu and m.transformer_impl == "transformer_engine",
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        calculate_per_token_loss=True,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(cfg: BoltConfig) -> ModuleSpec:
+    if cfg.model.transformer_impl == "transformer_engine":
+        return te.layer_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cfg.model.attention_backend == "sdpa":
+        from megatron_bolt.models.attention import SdpaAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SdpaAttention
+    return spec
+
+
+def build_model(cfg: BoltConfig) -> list[GPTModel]:
+    """One GPTModel chunk per virtual pipeline stage on this rank (a list of one without VPP)."""
+    tconf = transformer_config(cfg)
+    spec = layer_spec(cfg)
+    scaling, factor = _rope_scaling(cfg)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = GPTModel(
+            config=tconf,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=stage),
+            share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rotary_base),
+            rope_scaling=scaling,
+            rope_scaling_factor=factor,
+            vp_stage=stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,119 @@
+"""Process group, megatron-core parallel state and seeds: the one place parallelism is set up.
+
+Launch with ``torchrun`` (single node or multi-node: it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) or Slurm's ``srun`` (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID are read when torchrun's
+variables are absent). A plain ``python`` process runs as a world of one.
+NCCL on GPU, gloo on CPU; on CPU the megatron-core compatibility view is enabled first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_bolt.config.schema import BoltConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def world_from_env() -> WorldInfo:
+    """Read the launcher's environment without starting anything (used to validate configs up front)."""
+    env = os.environ
+    if "RANK" in env:
+        return WorldInfo(int(env["RANK"]), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return WorldInfo(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs, plus megatron's model-parallel RNG tracker (TP ranks differ)."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(cfg: BoltConfig, seed: int | None = None, timeout_minutes: int = 30) -> WorldInfo:
+    """Validate, start the process group and megatron-core parallel state, seed. Returns this rank's info."""
+    world = world_from_env()
+    cfg.validate(world.world_size)  # bad layouts fail here, before any process group exists
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        from megatron_bolt.runtime import cpu_compat
+
+        cpu_compat.enable()
+    else:
+        torch.cuda.set_device(world.local_rank)
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            if world.world_size > 1:
+                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        torch.distributed.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=world.rank,
+            world_size=world.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    from megatron.core import parallel_state
+
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+    )
+    seed_everything(cfg.train.seed if seed is None else seed)
+    log.info(
+        "rank %d/%d: tp=%d pp=%d dp=%d on %s", world.rank, world.world_size, p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size, parallel_state.get_data_parallel_world_size(),
+        "cuda" if on_gpu else "cpu",
+    )
+    return world
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(cfg: BoltConfig, seed: int | None = None):
+    """``with distributed(cfg) as world: ...`` initialises on entry and tears down on exit."""
+    world = initialize(cfg, seed)
+    try:
+        yield world
+    finally:
+        shutdown()

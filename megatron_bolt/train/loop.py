@@ -1,0 +1,96 @@
+"""``bolt train``: the M-step training loop, top to bottom.
+
+    bolt train --config examples/tiny_cpu.yaml
+    torchrun --nproc-per-node 2 -m megatron_bolt.cli train --config examples/tiny_cpu.yaml \
+        parallel.tensor_model_parallel_size=2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_bolt.checkpoint import dist as ckpt
+from megatron_bolt.config.loader import dump_yaml
+from megatron_bolt.config.schema import BoltConfig
+from megatron_bolt.models.gpt import build_model
+from megatron_bolt.runtime import distributed
+from megatron_bolt.train.setup import build_optimizer, build_scheduler, wrap_ddp
+from megatron_bolt.train.step import train_step
+
+log = logging.getLogger(__name__)
+
+
+def _batches(cfg: BoltConfig, start_step: int):
+    if cfg.data.data_prefix:
+        raise NotImplementedError("indexed datasets arrive with the data pipeline; leave data.data_prefix empty")
+    from megatron_bolt.data.synthetic import copy_task_batches
+
+    return copy_task_batches(start_step, cfg.train.global_batch_size, cfg.data.seq_length,
+                             cfg.model.vocab_size, cfg.data.seed)
+
+
+def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:
+    sd = ckpt.model_sharded_state_dict(model)
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading)
+    return sd
+
+
+def train(cfg: BoltConfig) -> list[dict]:
+    """Train and return the per-step metrics (identical on every rank)."""
+    history: list[dict] = []
+    with distributed(cfg) as world:
+        model = wrap_ddp(cfg, build_model(cfg))
+        optimizer = build_optimizer(cfg, model)
+        scheduler = build_scheduler(cfg, optimizer)
+        t, c = cfg.train, cfg.train.checkpoint
+        step = 0
+        resume_from = ckpt.resolve(c.save) if c.save else None
+        resume_from = resume_from or (ckpt.resolve(c.load) if c.load else None)
+        if resume_from is not None:
+            step = _load(resume_from, model, optimizer, scheduler, weights_only=c.finetune and resume_from != c.save)
+            log.info("resumed from %s at step %d", resume_from, step)
+        if world.rank == 0 and c.save:
+            Path(c.save).mkdir(parents=True, exist_ok=True)
+            (Path(c.save) / "config.yaml").write_text(dump_yaml(cfg))
+        batches = _batches(cfg, step)
+        for chunk in model:
+            chunk.train()
+        while step < t.train_iters:
+            start = time.perf_counter()
+            metrics = train_step(model, optimizer, scheduler, next(batches), t.micro_batch_size, cfg.data.seq_length)
+            step += 1
+            metrics.update(step=step, seconds=time.perf_counter() - start)
+            history.append(metrics)
+            if not math.isfinite(metrics["loss"]) and t.on_nonfinite == "stop":
+                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
+            if world.rank == 0 and step % t.log_interval == 0:
+                log.info("step %d loss %.4f grad_norm %.3f lr %.2e", step, metrics["loss"],
+                         metrics["grad_norm"] or 0.0, metrics["lr"])
+            if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
+                sd = _state(model, optimizer, scheduler, step)
+                ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last)
+    return history
+
+
+def _load(path: Path, model, optimizer, scheduler, weights_only: bool) -> int:
+    if weights_only:
+        ckpt.load_model(path, model)
+        return 0
+    sd = _state(model, optimizer, scheduler, 0, is_loading=True)
+    loaded = ckpt.load(path, sd)
+    for i, chunk in enumerate(model):
+        chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    meta = ckpt.read_meta(path)
+    scheduler.load_state_dict(meta["scheduler"])
+    return int(meta["step"])
+
+
+def main(cfg: BoltConfig, args) -> int:
+    train(cfg)
+    return 0
