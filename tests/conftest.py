@@ -57,3 +57,32 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """launch(script_args, nproc=1, timeout=600) -> CompletedProcess; nproc > 1 goes through torchrun (gloo)."""
+    import subprocess
+
+    def run(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                   f"--master-port={_free_port()}", *args]
+        else:
+            cmd = [sys.executable, *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-20000:]}")
+        return proc
+
+    return run

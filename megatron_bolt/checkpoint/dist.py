@@ -26,6 +26,22 @@ from megatron.core import dist_checkpointing
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "bolt_meta.json"
+# Versioning flags for sharded state dicts, as Megatron-LM writes them. 'dp_reshardable' (Megatron-LM's
+# default) saves and loads distributed-optimizer state fully in parallel with no gather; that state then
+# reshards across data-parallel sizes only. Model weights reshard across any TP/PP/DP layout.
+CONTENT_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+def sharding_metadata() -> dict[str, Any]:
+    """A fresh copy per call: megatron-core stores the current data-parallel group into the dict it is given,
+    so a shared dict would carry one layout's group into the next."""
+    from megatron.core import parallel_state
+
+    return {**CONTENT_METADATA, "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
 
 
 class CheckpointError(RuntimeError):
@@ -38,8 +54,15 @@ def _unwrap(chunk):
 
 def model_sharded_state_dict(model: list) -> dict[str, Any]:
     if len(model) == 1:
-        return {"model": _unwrap(model[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+        return {"model": _unwrap(model[0]).sharded_state_dict(metadata=sharding_metadata())}
+    return {f"model{i}": _unwrap(m).sharded_state_dict(metadata=sharding_metadata()) for i, m in enumerate(model)}
+
+
+def training_sharded_state_dict(model: list, optimizer, is_loading: bool = False) -> dict[str, Any]:
+    """Model and optimizer state, for resumable training checkpoints."""
+    sd = model_sharded_state_dict(model)
+    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading, metadata=sharding_metadata())
+    return sd
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -76,7 +99,7 @@ def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: 
             shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(partial))
+    dist_checkpointing.save(sharded_state_dict, str(partial), content_metadata=dict(CONTENT_METADATA))
     _barrier()
     if _rank() == 0:
         write_text_atomic(partial / META, json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True))

@@ -11,16 +11,39 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 
 from megatron_bolt.config.schema import BoltConfig, ConfigError
 
-T = TypeVar("T")
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 number rules: ``13:17:20`` stays a string (YAML 1.1 reads it as a base-60
+    integer, mangling split specs) and ``3e-4`` is a float (YAML 1.1 requires a dot)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    key: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789")
+)
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -71,11 +94,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -93,7 +111,7 @@ def _unknown(key: str, cls: type, prefix: str) -> ConfigError:
     return ConfigError(f"unknown config key {prefix}{key}{suggestion}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+def from_dict[T](cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build a dataclass from a nested mapping, checking every key and value type."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -116,7 +134,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return key.split("."), value
@@ -140,7 +158,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -150,8 +168,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type[T] = BoltConfig) -> T:
+def load_config[T](path: str | Path | None = None, overrides: list[str] | None = None,
+                   cls: type[T] = BoltConfig) -> T:
     """YAML file (optional) + overrides -> typed config. Validation is the caller's next step."""
     data = read_yaml(path) if path else {}
     return from_dict(cls, apply_overrides(data, list(overrides or [])))

@@ -38,7 +38,9 @@ class ModelConfig:
     ffn_hidden_size: int = opt(352, "SwiGLU intermediate size (per branch).")
     kv_channels: int | None = opt(None, "Per-head dimension; default hidden_size / num_attention_heads.")
     vocab_size: int = opt(128, "Tokenizer vocabulary size, latent tokens included (padded up internally).")
-    make_vocab_size_divisible_by: int = opt(64, "Pad the embedding rows to a multiple of this times TP.")
+    make_vocab_size_divisible_by: int = opt(
+        128, "Pad embedding rows to a multiple of this (independent of TP, so checkpoints reshard across TP)."
+    )
     max_position_embeddings: int = opt(256, "Longest sequence the model is built for (RoPE table size).")
     rotary_base: float = opt(10000.0, "RoPE theta.")
     rope_scaling: dict[str, Any] | None = opt(
@@ -60,8 +62,9 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tp: int) -> int:
-        multiple = self.make_vocab_size_divisible_by * tp
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
 
@@ -180,6 +183,90 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class PrepareConfig:
+    """`bolt prepare`: read a corpus, keep one split, chunk every document by sentences."""
+
+    input: list[str] = opt([], "Input files, globs or dirs: JSONL(.gz), JSON arrays, Parquet, HF datasets.")
+    json_keys: list[str] = opt(["text"], "Record fields holding the text; several are joined by blank lines.")
+    output_prefix: str | None = opt(None, "Output prefix: shards PREFIX-00000.jsonl ..., PREFIX.report.json.")
+    split: str = opt(
+        "all", "Documents kept, by record index: 'all', 'validation' (index % 1000 == 0) or "
+        "'start:end:step' (index % step in [start, end), validation excluded; the paper's warm start is "
+        "0:1:20, its bootstrap 13:17:20).",
+    )
+    workers: int = opt(1, "Chunking processes (the output is identical for any number).")
+    docs_per_shard: int = opt(10000, "Documents per output shard: the unit of parallel work and resumption.")
+    chunk_lambda: float = opt(7.0, "Sentence units per chunk ~ 1 + Poisson(chunk_lambda); 0: one per chunk.")
+    max_chunk_units: int = opt(20, "Most sentence units in one chunk.")
+    chunk_seed: int = opt(42, "Added to the document-text hash that seeds the chunk lengths.")
+    max_record_bytes: int = opt(10 * 2**20, "Records longer than this are skipped (counted as too_long).")
+
+    def __post_init__(self) -> None:
+        from megatron_bolt.data.corpus import Split
+
+        try:
+            Split.parse(self.split)
+        except ValueError as exc:
+            raise ConfigError(f"prepare.split: {exc}") from None
+        for name in ("workers", "docs_per_shard", "max_chunk_units", "max_record_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"prepare.{name}={getattr(self, name)} must be at least 1")
+        if self.chunk_lambda < 0:
+            raise ConfigError(f"prepare.chunk_lambda={self.chunk_lambda} must be >= 0")
+
+
+@dataclass(kw_only=True)
+class BuildDatasetConfig:
+    """`bolt build-dataset`: prepared documents + latents -> joint Megatron indexed dataset.
+
+    The tokenizer is data.tokenizer and the layout coin is seeded by data.seed.
+    """
+
+    documents: list[str] = opt([], "Prepared document JSONL: files, directories (their *.jsonl) or globs.")
+    latents: list[str] = opt(
+        [], "Latent JSONL ({doc_id, chunk_index, latent | latent_token_ids}); none builds a raw-only dataset."
+    )
+    output_prefix: str | None = opt(
+        None, "Output prefix: PREFIX.bin/.idx (tokens), PREFIX_kinds.bin/.idx (segment kinds), PREFIX.json."
+    )
+    max_latent_tokens: int | None = opt(None, "Longest latent kept, in tokens (None: no limit).")
+    long_latents: Literal["truncate", "drop", "error"] = opt(
+        "drop", "A latent over max_latent_tokens is cut, dropped (its chunk stays raw) or fails the build."
+    )
+    workers: int = opt(1, "Tokenizer processes (the output is identical for any number).")
+    docs_per_task: int = opt(256, "Documents per unit of work handed to a worker process.")
+
+
+@dataclass(kw_only=True)
+class SynthesizeConfig:
+    """`bolt synthesize`: warm-start latents from a teacher (the paper: GPT-4o-mini, T 0.7, one per chunk)."""
+
+    backend: Literal["openai", "local"] = opt(
+        "openai", "'openai': any OpenAI-compatible chat-completions endpoint; 'local': our own generation."
+    )
+    documents: list[str] = opt([], "Prepared document JSONL: files, directories (their *.jsonl) or globs.")
+    output: str | None = opt(None, "Latent JSONL to write, one {doc_id, chunk_index, latent} line per chunk.")
+    cache: str | None = opt(
+        None, "Append-only response cache (default: OUTPUT.cache.jsonl): reruns never pay twice."
+    )
+    base_url: str = opt("https://api.openai.com/v1", "Endpoint base URL (…/chat/completions is appended).")
+    model: str = opt("gpt-4o-mini-2024-07-18", "Teacher model name sent to the endpoint.")
+    api_key_env: str = opt(
+        "OPENAI_API_KEY", "NAME of the environment variable with the API key ('' sends none); never the key."
+    )
+    temperature: float = opt(0.7, "Sampling temperature (the paper: 0.7).")
+    max_tokens: int = opt(6000, "Completion token limit per chunk.")
+    concurrency: int = opt(16, "Requests in flight.")
+    max_retries: int = opt(8, "Retries per chunk on 429, 5xx, timeouts and dropped connections.")
+    timeout_s: float = opt(120.0, "Per-request timeout in seconds.")
+    backoff_s: float = opt(1.0, "First retry delay cap in seconds; doubles per attempt (full jitter).")
+    max_backoff_s: float = opt(60.0, "Largest retry delay in seconds (a longer Retry-After is honoured).")
+    limit_documents: int | None = opt(None, "Only the first N documents (dry runs and cost estimates).")
+    input_usd_per_mtok: float = opt(0.15, "Prompt price per million tokens, for the cost estimate.")
+    output_usd_per_mtok: float = opt(0.60, "Completion price per million tokens, for the cost estimate.")
+
+
+@dataclass(kw_only=True)
 class BoltConfig:
     """Everything one `bolt` command needs."""
 
@@ -190,6 +277,9 @@ class BoltConfig:
     estep: EStepConfig = section(EStepConfig, "E-step.")
     em: EMConfig = section(EMConfig, "EM loop.")
     eval: EvalConfig = section(EvalConfig, "Evaluation.")
+    build: BuildDatasetConfig = section(BuildDatasetConfig, "Joint dataset building (bolt build-dataset).")
+    synthesize: SynthesizeConfig = section(SynthesizeConfig, "Teacher warm-start latents (bolt synthesize).")
+    prepare: PrepareConfig = section(PrepareConfig, "Corpus reading and sentence chunking (bolt prepare).")
 
     def validate(self, world_size: int | None = None) -> BoltConfig:
         """Raise ConfigError for any layout that cannot work; returns self for chaining."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from megatron_bolt.config.schema import ConfigError
@@ -22,7 +23,7 @@ def _positive(errors: list[str], name: str, value: int | float | None) -> None:
 def _model(cfg: BoltConfig, errors: list[str]) -> None:
     m = cfg.model
     for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "vocab_size", "max_position_embeddings"):
+                 "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
         _positive(errors, f"model.{name}", getattr(m, name))
     if errors:
         return
@@ -55,6 +56,11 @@ def _parallel(cfg: BoltConfig, errors: list[str], world_size: int | None) -> Non
                 f"parallel.tensor_model_parallel_size={tp} must divide model.{name}={value}: "
                 f"choose one of {_divisors(value)}"
             )
+    if m.make_vocab_size_divisible_by > 0 and m.padded_vocab_size % tp:
+        errors.append(
+            f"parallel.tensor_model_parallel_size={tp} must divide the padded vocabulary {m.padded_vocab_size}: "
+            f"set model.make_vocab_size_divisible_by to a multiple of {tp}"
+        )
     stages = pp * (vpp or 1)
     if m.num_layers > 0 and m.num_layers % stages:
         what = "pipeline_model_parallel_size" + (" * virtual_pipeline_model_parallel_size" if vpp else "")
@@ -78,6 +84,12 @@ def _parallel(cfg: BoltConfig, errors: list[str], world_size: int | None) -> Non
                 errors.append(
                     f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size"
                     f" * data-parallel size = {t.micro_batch_size} * {dp}"
+                )
+            elif vpp and t.micro_batch_size > 0 and t.global_batch_size // (t.micro_batch_size * dp) < pp:
+                errors.append(
+                    f"interleaved pipelining needs at least pipeline_model_parallel_size={pp} micro-batches per "
+                    f"step, but train.global_batch_size / (micro_batch_size * dp) = "
+                    f"{t.global_batch_size // (t.micro_batch_size * dp)}: raise the global batch"
                 )
 
 
@@ -122,11 +134,30 @@ def _estep(cfg: BoltConfig, errors: list[str]) -> None:
         errors.append(f"estep.sampling.temperature={s.temperature} must be positive (sampling, not greedy)")
 
 
+def _build_and_synthesize(cfg: BoltConfig, errors: list[str]) -> None:
+    b, y = cfg.build, cfg.synthesize
+    for name in ("workers", "docs_per_task", "max_latent_tokens"):
+        _positive(errors, f"build.{name}", getattr(b, name))
+    for name in ("concurrency", "max_tokens", "timeout_s", "limit_documents"):
+        _positive(errors, f"synthesize.{name}", getattr(y, name))
+    for name in ("max_retries", "temperature", "backoff_s", "max_backoff_s", "input_usd_per_mtok",
+                 "output_usd_per_mtok"):
+        if getattr(y, name) < 0:
+            errors.append(f"synthesize.{name}={getattr(y, name)} must not be negative")
+    if not y.base_url.startswith(("http://", "https://")):
+        errors.append(f"synthesize.base_url={y.base_url!r} must start with http:// or https://")
+    if y.api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", y.api_key_env):
+        # Never echo the value: someone may have pasted the key itself here.
+        errors.append("synthesize.api_key_env must be the NAME of an environment variable (letters, digits, "
+                      "_), never the key itself")
+
+
 def validate(cfg: BoltConfig, world_size: int | None = None) -> None:
     errors: list[str] = []
     _model(cfg, errors)
     _parallel(cfg, errors, world_size)
     _data_and_train(cfg, errors)
     _estep(cfg, errors)
+    _build_and_synthesize(cfg, errors)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -141,7 +141,9 @@ def hf_to_megatron(table: list[WeightMapping], hf: Mapping[str, torch.Tensor], c
     return {m.megatron: m.to_megatron(get, cfg, padded_vocab).contiguous() for m in expand(table, cfg.num_layers)}
 
 
-def megatron_to_hf(table: list[WeightMapping], state: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def megatron_to_hf(
+    table: list[WeightMapping], state: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for m in expand(table, cfg.num_layers):
         if m.megatron not in state:

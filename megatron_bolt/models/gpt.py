@@ -13,10 +13,13 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_bolt.config.schema import BoltConfig, ConfigError
 from megatron_bolt.models import te
+from megatron_bolt.models.attention import SdpaAttention
+from megatron_bolt.models.norm import RMSNorm
 
 
 def compute_dtype(cfg: BoltConfig) -> torch.dtype:
@@ -56,6 +59,9 @@ def transformer_config(cfg: BoltConfig) -> TransformerConfig:
                    num_layers_at_start_in_bf16=t.fp8_bf16_first_last_layers,
                    num_layers_at_end_in_bf16=t.fp8_bf16_first_last_layers,
                    first_last_layers_bf16=t.fp8_bf16_first_last_layers > 0)
+    # Interleaved pipelining overlaps p2p (Megatron-LM's default): batched p2p would pair several sends and
+    # receives between the same two ranks in one batch when PP = 2, which mismatches tensors.
+    interleaved = p.virtual_pipeline_model_parallel_size is not None
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -76,6 +82,8 @@ def transformer_config(cfg: BoltConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
+        overlap_p2p_comm=interleaved,
+        batch_p2p_comm=not interleaved,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -98,17 +106,26 @@ def layer_spec(cfg: BoltConfig) -> ModuleSpec:
     if cfg.model.transformer_impl == "transformer_engine":
         return te.layer_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
     if cfg.model.attention_backend == "sdpa":
-        from megatron_bolt.models.attention import SdpaAttention
-
         spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     return spec
+
+
+def block_spec(cfg: BoltConfig, tconf: TransformerConfig, vp_stage: int | None):
+    """The layers this pipeline stage builds; the local spec's final norm is ours too (SP-capable)."""
+    spec = layer_spec(cfg)
+    if cfg.model.transformer_impl == "transformer_engine":
+        return spec
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    num_layers = get_num_layers_to_build(tconf, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
 def build_model(cfg: BoltConfig) -> list[GPTModel]:
     """One GPTModel chunk per virtual pipeline stage on this rank (a list of one without VPP)."""
     tconf = transformer_config(cfg)
-    spec = layer_spec(cfg)
     scaling, factor = _rope_scaling(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks = []
@@ -116,8 +133,8 @@ def build_model(cfg: BoltConfig) -> list[GPTModel]:
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=tconf,
-            transformer_layer_spec=spec,
-            vocab_size=cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
+            transformer_layer_spec=block_spec(cfg, tconf, stage),
+            vocab_size=cfg.model.padded_vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=stage),

@@ -12,11 +12,14 @@ module gives *megatron-core's own modules* a view of ``torch`` in which:
 - ``torch.cuda`` RNG calls act on the CPU generator (the model-parallel RNG tracker forks it);
 - streams and events are inert, ``synchronize`` does nothing (CPU ops are synchronous).
 
-Two functions are replaced outright because no view of ``torch`` can reach them:
+Two places no view of ``torch`` can reach:
 
 - ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` index
-  ``torch.cuda.default_generators`` through names imported from ``torch.cuda`` at import time;
-- ``optimizer.clip_grads.clip_grad_by_total_norm_fp32`` asserts ``grad.type() == 'torch.cuda.FloatTensor'``.
+  ``torch.cuda.default_generators`` through names imported from ``torch.cuda`` at import time: they are
+  replaced by their CPU-generator equivalents;
+- ``clip_grad_by_total_norm_fp32`` and ``DistributedOptimizer._build_model_and_main_param_groups`` compare
+  ``tensor.type()`` with CUDA type strings: they run unchanged, wrapped so that during the call
+  ``Tensor.type()`` spells CPU tensors the CUDA way.
 
 ``enable()`` is called by the runtime only when ``torch.cuda.is_available()`` is False; it never runs on
 a GPU machine, so the GPU path is megatron-core exactly as shipped.
@@ -167,18 +170,28 @@ def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """megatron-core's clip, minus its CUDA tensor-type assertion."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if isinstance(clip_coeff, torch.Tensor):
-        clip_coeff = clip_coeff.clamp_max(1.0)
-        torch._foreach_mul_(grads, clip_coeff)
-    elif clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
+def _with_cuda_type_strings(fn):
+    """Run ``fn`` with ``Tensor.type()`` spelling CPU tensors as their CUDA counterparts.
+
+    megatron-core sorts parameters by comparing ``param.type()`` with 'torch.cuda.FloatTensor' (etc.);
+    the patch is scoped to the wrapped call and affects only the no-argument form.
+    """
+    original = torch.Tensor.type
+
+    def cuda_spelled_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return original(self).replace("torch.", "torch.cuda.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = cuda_spelled_type
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapper
 
 
 def _import_all_megatron_core() -> list[types.ModuleType]:
@@ -213,13 +226,16 @@ def enable() -> None:
             continue
         if module.__dict__.get("torch") is torch:
             module.torch = torch_view
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import random
 
     random._get_cuda_rng_state = _cpu_get_rng_state
     random._set_cuda_rng_state = _cpu_set_rng_state
-    clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
-    optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    clip = _with_cuda_type_strings(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = optimizer.clip_grad_by_total_norm_fp32 = clip
+    dist_opt = distrib_optimizer.DistributedOptimizer
+    build_groups = dist_opt._build_model_and_main_param_groups.__func__
+    dist_opt._build_model_and_main_param_groups = classmethod(_with_cuda_type_strings(build_groups))
     _ENABLED = True
     log.info("megatron-core CPU compatibility enabled")
 

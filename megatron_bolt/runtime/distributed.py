@@ -8,6 +8,7 @@ NCCL on GPU, gloo on CPU; on CPU the megatron-core compatibility view is enabled
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import logging
@@ -84,6 +85,7 @@ def initialize(cfg: BoltConfig, seed: int | None = None, timeout_minutes: int = 
             world_size=world.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+        atexit.register(_destroy_process_group)
     from megatron.core import parallel_state
 
     p = cfg.parallel
@@ -101,12 +103,21 @@ def initialize(cfg: BoltConfig, seed: int | None = None, timeout_minutes: int = 
     return world
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def shutdown() -> None:
+    """Tear down megatron-core's parallel state; the process group itself lives until exit.
+
+    Re-creating a process group inside one torchrun worker is unsafe: workers share the elastic agent's
+    TCPStore, which keeps the first group's keys, so a second init can read stale rendezvous state and
+    ranks run past each other. Phases of one process (train, then evaluate) therefore share one group.
+    """
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager

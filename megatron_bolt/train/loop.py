@@ -12,8 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from megatron_bolt.checkpoint import dist as ckpt
 from megatron_bolt.config.loader import dump_yaml
 from megatron_bolt.config.schema import BoltConfig
@@ -34,12 +32,6 @@ def _batches(cfg: BoltConfig, start_step: int):
                              cfg.model.vocab_size, cfg.data.seed)
 
 
-def _state(model, optimizer, scheduler, step: int, is_loading: bool = False) -> dict:
-    sd = ckpt.model_sharded_state_dict(model)
-    sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading)
-    return sd
-
-
 def train(cfg: BoltConfig) -> list[dict]:
     """Train and return the per-step metrics (identical on every rank)."""
     history: list[dict] = []
@@ -48,12 +40,7 @@ def train(cfg: BoltConfig) -> list[dict]:
         optimizer = build_optimizer(cfg, model)
         scheduler = build_scheduler(cfg, optimizer)
         t, c = cfg.train, cfg.train.checkpoint
-        step = 0
-        resume_from = ckpt.resolve(c.save) if c.save else None
-        resume_from = resume_from or (ckpt.resolve(c.load) if c.load else None)
-        if resume_from is not None:
-            step = _load(resume_from, model, optimizer, scheduler, weights_only=c.finetune and resume_from != c.save)
-            log.info("resumed from %s at step %d", resume_from, step)
+        step = _restore(cfg, model, optimizer, scheduler)
         if world.rank == 0 and c.save:
             Path(c.save).mkdir(parents=True, exist_ok=True)
             (Path(c.save) / "config.yaml").write_text(dump_yaml(cfg))
@@ -72,16 +59,32 @@ def train(cfg: BoltConfig) -> list[dict]:
                 log.info("step %d loss %.4f grad_norm %.3f lr %.2e", step, metrics["loss"],
                          metrics["grad_norm"] or 0.0, metrics["lr"])
             if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
-                sd = _state(model, optimizer, scheduler, step)
+                sd = ckpt.training_sharded_state_dict(model, optimizer)
                 ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last)
     return history
+
+
+def _restore(cfg: BoltConfig, model, optimizer, scheduler) -> int:
+    """Resume from our own save directory if it holds a checkpoint, else start from train.checkpoint.load."""
+    c = cfg.train.checkpoint
+    own = ckpt.resolve(c.save) if c.save else None
+    if own is not None:
+        log.info("resuming from %s", own)
+        return _load(own, model, optimizer, scheduler, weights_only=False)
+    if c.load:
+        source = ckpt.resolve(c.load)
+        if source is None:
+            raise ckpt.CheckpointError(f"train.checkpoint.load={c.load} holds no checkpoint")
+        log.info("loading %s from %s", "weights" if c.finetune else "full state", source)
+        return _load(source, model, optimizer, scheduler, weights_only=c.finetune)
+    return 0
 
 
 def _load(path: Path, model, optimizer, scheduler, weights_only: bool) -> int:
     if weights_only:
         ckpt.load_model(path, model)
         return 0
-    sd = _state(model, optimizer, scheduler, 0, is_loading=True)
+    sd = ckpt.training_sharded_state_dict(model, optimizer, is_loading=True)
     loaded = ckpt.load(path, sd)
     for i, chunk in enumerate(model):
         chunk.module.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])

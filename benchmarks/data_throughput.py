@@ -1,0 +1,62 @@
+"""Throughput of ``bolt prepare`` (read, split, sentence-chunk, write) on the embedded corpus.
+
+    .venv/bin/python benchmarks/data_throughput.py --docs 100000 --workers 1 2
+
+Prints documents/s per worker count (end to end, pool start-up included), the CPU seconds spent (this
+process and its workers: on a shared machine the wall time depends on the load, the CPU time much less),
+the speed-up over the first count, and whether every worker count wrote byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from megatron_bolt.config.schema import PrepareConfig
+from megatron_bolt.data.embedded import generate_embedded
+from megatron_bolt.data.prepare import run_prepare
+
+
+def _cpu_seconds() -> float:
+    """User + system time of this process and its finished children (the pool's workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=100_000, help="Embedded-corpus documents.")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Worker counts to time.")
+    p.add_argument("--docs-per-shard", type=int, default=5000)
+    p.add_argument("--chunk-lambda", type=float, default=0.0, help="0: the embedded corpus' own chunking.")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = generate_embedded(Path(tmp) / "embedded", args.docs, seed=0, num_eval=10)
+        size_mb = corpus.corpus.stat().st_size / 2**20
+        print(f"corpus: {args.docs} documents, {corpus.num_chunks} chunks, {size_mb:.1f} MiB")
+        rates, outputs = {}, {}
+        for workers in args.workers:
+            prefix = Path(tmp) / f"w{workers}" / "prepared"
+            cfg = PrepareConfig(input=[str(corpus.corpus)], output_prefix=str(prefix), workers=workers,
+                                docs_per_shard=args.docs_per_shard, chunk_lambda=args.chunk_lambda)
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            result = run_prepare(cfg, progress=False)
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+            rates[workers] = result.report["docs_written"] / seconds
+            outputs[workers] = [prefix.with_name(n) for n in result.report["shards"]]
+            print(f"workers={workers}: {rates[workers]:,.0f} docs/s ({seconds:.2f} s wall, {cpu:.2f} s CPU, "
+                  f"{result.report['chunks_written'] / seconds:,.0f} chunks/s)")
+        base = args.workers[0]
+        for workers in args.workers[1:]:
+            pairs = zip(outputs[base], outputs[workers], strict=True)
+            same = all(filecmp.cmp(a, b, shallow=False) for a, b in pairs)
+            print(f"speed-up {workers} vs {base} workers: {rates[workers] / rates[base]:.2f}x; "
+                  f"identical output: {same}")
+
+
+if __name__ == "__main__":
+    main()
