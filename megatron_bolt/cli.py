@@ -110,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bolt {args.command}: not implemented yet", file=sys.stderr)
         return 2
     from megatron_bolt.config.loader import load_config
+    from megatron_bolt.runtime.world import world_from_env
 
     try:
         cfg = load_config(args.config, args.overrides)
-        cfg.validate()
+        cfg.validate(world_from_env().world_size)
     except ConfigError as exc:
         print(f"bolt {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -146,11 +146,37 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
     return json.loads((Path(ckpt) / META).read_text())
 
 
+def check_compatible(ckpt: Path, sharded_state_dict: dict[str, Any]) -> None:
+    """Fail with the tensors named when a checkpoint was saved from a different architecture."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    problems = []
+    for t in nested_values(sharded_state_dict):
+        if not isinstance(t, ShardedTensor) or t.key.startswith("optimizer."):
+            continue
+        if t.key not in saved:
+            problems.append(f"{t.key} is missing from the checkpoint")
+            continue
+        have, want = tuple(saved[t.key].global_shape), tuple(t.global_shape)
+        # Vocabulary tensors may differ in padded rows only.
+        if (have[1:] != want[1:]) if t.allow_shape_mismatch else (have != want):
+            problems.append(f"{t.key} is {have} in the checkpoint but {want} in this model")
+    if problems:
+        listed = "\n  - ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise CheckpointError(
+            f"{ckpt} does not fit this model (different architecture? compare its config.yaml with model.*):"
+            f"\n  - {listed}"
+        )
+
+
 def load(ckpt: str | Path, sharded_state_dict: dict[str, Any], strict: bool = True) -> dict[str, Any]:
     """Collective load into the given sharded state dict's layout (resharding as needed)."""
     ckpt = Path(ckpt)
     if not (ckpt / META).is_file():
         raise CheckpointError(f"{ckpt} is not a complete bolt checkpoint (missing {META})")
+    check_compatible(ckpt, sharded_state_dict)
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     handling = StrictHandling.RAISE_ALL if strict else StrictHandling.LOG_UNEXPECTED

@@ -123,6 +123,38 @@ def block_spec(cfg: BoltConfig, tconf: TransformerConfig, vp_stage: int | None):
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 
 
+class BoltGPTModel(GPTModel):
+    """GPTModel whose distribution covers the tokenizer's vocabulary only.
+
+    Embedding rows are padded (``make_vocab_size_divisible_by``) for TP-even sharding; megatron-core would
+    let the padding rows take part in the softmax, so the trained model and its HF export (which trims
+    them) would assign different probabilities. BoLT compares log-probabilities across the two (log p from
+    the Megatron scorer, log q from the exported sampler), so padding logits are set to -inf, shard-aware.
+    """
+
+    def __init__(self, *args, true_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = true_vocab_size
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with the vocabulary (possibly a TP shard of it) as the last dimension."""
+        local = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+        if start + local <= self.true_vocab_size:
+            return logits
+        keep = torch.arange(start, start + local, device=logits.device) < self.true_vocab_size
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return super().compute_language_model_loss(labels, self._mask_padding(logits))
+
+    def forward(self, *args, labels=None, **kwargs):
+        out = super().forward(*args, labels=labels, **kwargs)
+        if labels is None and self.post_process:
+            out = self._mask_padding(out)
+        return out
+
+
 def build_model(cfg: BoltConfig) -> list[GPTModel]:
     """One GPTModel chunk per virtual pipeline stage on this rank (a list of one without VPP)."""
     tconf = transformer_config(cfg)
@@ -131,7 +163,8 @@ def build_model(cfg: BoltConfig) -> list[GPTModel]:
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = GPTModel(
+        model = BoltGPTModel(
+            true_vocab_size=cfg.model.vocab_size,
             config=tconf,
             transformer_layer_spec=block_spec(cfg, tconf, stage),
             vocab_size=cfg.model.padded_vocab_size,

@@ -15,31 +15,14 @@ import logging
 import os
 import random
 import socket
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from megatron_bolt.config.schema import BoltConfig
+from megatron_bolt.runtime.world import WorldInfo, world_from_env
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorldInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def world_from_env() -> WorldInfo:
-    """Read the launcher's environment without starting anything (used to validate configs up front)."""
-    env = os.environ
-    if "RANK" in env:
-        return WorldInfo(int(env["RANK"]), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    return WorldInfo(0, 1, 0)
 
 
 def _free_port() -> int:

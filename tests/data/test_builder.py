@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_bolt.config.loader import load_config
-from megatron_bolt.data import build
+from megatron_bolt.cli import main as bolt
 from megatron_bolt.data.builder import (
     KINDS_SUFFIX,
     BuildError,
@@ -91,10 +89,9 @@ def test_build_dataset_command_writes_the_spec_layouts_token_for_token(tmp_path,
     write_jsonl(tmp_path / "docs.jsonl", docs)
     write_jsonl(tmp_path / "latents.jsonl", latents)
     prefix = tmp_path / "out" / "joint"
-    cfg = load_config(None, [f"data.tokenizer={tok_dir}", f"data.seed={SEED}",
-                             f"build.output_prefix={prefix}", f"build.documents=[{tmp_path / 'docs.jsonl'}]",
-                             f"build.latents=[{tmp_path / 'latents.jsonl'}]"])
-    assert build.main(cfg.validate(), Namespace()) == 0
+    args = [f"data.tokenizer={tok_dir}", f"data.seed={SEED}", f"build.output_prefix={prefix}",
+            f"build.documents=[{tmp_path / 'docs.jsonl'}]", f"build.latents=[{tmp_path / 'latents.jsonl'}]"]
+    assert bolt(["build-dataset", *args]) == 0
     tokens, kinds = read_back(prefix)
     table = latent_ids(latents, hf)
     for doc, got_tokens, got_kinds in zip(docs, tokens, kinds, strict=True):

@@ -197,17 +197,15 @@ def test_retry_after_parsing():
 
 
 def run_cli(tmp_path: Path, config: dict, log_name: str) -> subprocess.Popen:
-    """The ``bolt synthesize`` handler in a child process (config file -> validate -> main), logging at
-    DEBUG into ``log_name``, which is later searched for the key."""
+    """``bolt synthesize --config`` in a child process, logging at DEBUG into ``log_name`` (searched for the
+    key afterwards)."""
     path = tmp_path / "synth.yaml"
     path.write_text(yaml.safe_dump({"synthesize": config}))
-    code = ("import logging, sys; from argparse import Namespace; logging.basicConfig(level='DEBUG'); "
-            "from megatron_bolt.config.loader import load_config; "
-            "from megatron_bolt.data.synthesize import main; "
-            "sys.exit(main(load_config(sys.argv[1]).validate(), Namespace()))")
+    cmd = [sys.executable, "-m", "megatron_bolt.cli", "--log-level", "DEBUG", "synthesize", "--config",
+           str(path)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     with open(tmp_path / log_name, "wb") as log:
-        return subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=ROOT, stdout=log, stderr=log,
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log, env=env)
 
 
 def test_killed_run_resumes_without_paying_twice_and_never_leaks_the_key(tmp_path):
