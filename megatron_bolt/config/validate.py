@@ -109,8 +109,11 @@ def _data_and_train(cfg: BoltConfig, errors: list[str]) -> None:
         )
     for name in ("micro_batch_size", "global_batch_size", "train_iters"):
         _positive(errors, f"train.{name}", getattr(t, name))
-    if t.lr_warmup_iters < 0 or t.lr_warmup_iters > t.train_iters:
-        errors.append(f"train.lr_warmup_iters={t.lr_warmup_iters} must lie in [0, train.train_iters={t.train_iters}]")
+    if t.lr_warmup_iters < 0 or (t.train_iters > 0 and t.lr_warmup_iters >= t.train_iters):
+        errors.append(
+            f"train.lr_warmup_iters={t.lr_warmup_iters} must lie in [0, train.train_iters={t.train_iters}): "
+            "warm-up has to end before the decay does"
+        )
     if t.min_lr > t.lr:
         errors.append(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
     if t.precision == "fp8" and m.transformer_impl != "transformer_engine":

@@ -194,8 +194,8 @@ def rank_batches(dataset: RowSource, global_batch_size: int, dp_rank: int, dp_si
                  start_step: int = 0) -> Iterator[Row]:
     """This rank's rows of every global batch from ``start_step`` on, stacked into [rows, seq] tensors.
 
-    Rank r gets the r-th contiguous share of each global batch (the same rows ``train.step``'s
-    ``data_parallel_slice`` cuts from a whole batch), so ranks are disjoint and together cover the batch.
+    Rank r gets the r-th contiguous share of each global batch, so ranks are disjoint and together cover
+    the batch, and each rank reads only its own rows.
     """
     for step in count(start_step):
         rows = [dataset[i] for i in rank_rows(global_batch_size, dp_rank, dp_size, step)]

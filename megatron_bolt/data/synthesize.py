@@ -46,23 +46,22 @@ from megatron_bolt.data.jsonl import expand_paths, iter_line_batches
 
 log = logging.getLogger(__name__)
 
-# The BoLT reference prompt (ryoungj/BoLT configs/gen/gpt_latent_thoughts.yaml), verbatim.
+# Our wording of the warm-start prompt described in the BoLT paper (see shared notes, bolt-method.md):
+# the teacher sees the previous chunk and the current one and writes the thinking that produced the latter.
 SYSTEM_PROMPT = (
-    "You are an advanced AI system, highly knowledgeable and capable of deeply understanding and "
-    "reasoning through any web document."
+    "You are an expert reader of web documents who reconstructs, in full, the reasoning and knowledge "
+    "that an author relied on while writing."
 )
 USER_TEMPLATE = (
-    "You are provided with a pair of web document prefix and suffix. Your task is to insert latent "
-    "thoughts between them underlying the creation of the suffix conditioned on the prefix. The latent "
-    "thoughts should include: the missing background knowledge and the reasoning traces underlying each "
-    "claim (especially, step-by-step derivations or logical reasoning).\n\n### Prefix:\n{prefix}\n\n### "
-    "Suffix:\n{suffix}\n\n### Your turn:\nNow provide the latent thoughts. Use concise, simple, and "
-    "declarative language. Do not give any supporting remarks or references to the terms 'prefix' and "
-    "'suffix', as this output will go directly into a computer program. Do not apply any markdown "
-    "formatting or text embellishments. Optimize the content to ensure every word is informative, avoid "
-    "vague language like 'xxx is essential'. Emphasize on the suffix without repeating the content in "
-    "the prefix. Focus on implicit reasoning and background knowledge that is not explicitly stated in "
-    "the suffix, and use concrete logical reasoning or mathematical derivations when applicable."
+    "Below are two consecutive passages of one web document: an earlier passage and the passage that "
+    "follows it. Write the latent thoughts an author would have had while writing the following passage, "
+    "given the earlier one: the background knowledge the passage takes for granted and the reasoning "
+    "behind each of its claims, with every derivation or calculation worked step by step.\n\n"
+    "Earlier passage:\n{prefix}\n\nFollowing passage:\n{suffix}\n\n"
+    "Write only the thoughts, in short, plain, declarative sentences. No markdown, no headings, no "
+    "commentary about the task, and no mention of the passages themselves. Do not restate the earlier "
+    "passage. Make every sentence carry information: concrete facts, explicit logical steps, and exact "
+    "mathematical derivations where they apply."
 )
 FIRST_PREFIX = "N/A"
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))

@@ -12,9 +12,13 @@ import math
 import time
 from pathlib import Path
 
+from megatron.core import parallel_state
+
 from megatron_bolt.checkpoint import dist as ckpt
 from megatron_bolt.config.loader import dump_yaml
 from megatron_bolt.config.schema import BoltConfig
+from megatron_bolt.data.dataset import build_train_dataset, rank_batches
+from megatron_bolt.data.synthetic import CopyTaskRows
 from megatron_bolt.models.gpt import build_model
 from megatron_bolt.runtime import distributed
 from megatron_bolt.train.setup import build_optimizer, build_scheduler, wrap_ddp
@@ -24,12 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def _batches(cfg: BoltConfig, start_step: int):
+    """This data-parallel rank's rows of each global batch from ``start_step`` on (the data position is the
+    step: rows are addressed by index, so a resumed run reads exactly what an uninterrupted one would)."""
     if cfg.data.data_prefix:
-        raise NotImplementedError("indexed datasets arrive with the data pipeline; leave data.data_prefix empty")
-    from megatron_bolt.data.synthetic import copy_task_batches
-
-    return copy_task_batches(start_step, cfg.train.global_batch_size, cfg.data.seq_length,
-                             cfg.model.vocab_size, cfg.data.seed)
+        source = build_train_dataset(cfg)
+    else:
+        log.warning("data.data_prefix is empty: training on the synthetic copy task")
+        source = CopyTaskRows(cfg.data.seq_length, cfg.model.vocab_size, cfg.data.seed)
+    return rank_batches(source, cfg.train.global_batch_size, parallel_state.get_data_parallel_rank(),
+                        parallel_state.get_data_parallel_world_size(), start_step)
 
 
 def train(cfg: BoltConfig) -> list[dict]:

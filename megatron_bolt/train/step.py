@@ -1,8 +1,9 @@
 """One optimizer step through megatron-core's pipeline schedules, with per-token loss averaging.
 
-A batch is a dict of [rows, seq] tensors: ``tokens``, ``labels``, ``loss_mask`` (float), ``position_ids``.
-Every pipeline stage receives the same micro-batches (first stage reads tokens, last stage labels and mask),
-which keeps data loading identical on every rank of a model-parallel group.
+A batch is this data-parallel rank's share of a global batch (``data.dataset.rank_batches``): a dict of
+[rows, seq] tensors ``tokens``, ``labels``, ``loss_mask`` (float), ``position_ids``. Every pipeline stage
+receives the same micro-batches (first stage reads tokens, last stage labels and mask), which keeps data
+loading identical on every rank of a model-parallel group.
 """
 
 from __future__ import annotations
@@ -42,17 +43,6 @@ def split_microbatches(batch: Batch, micro_batch_size: int) -> list[Batch]:
     return [{k: v[i : i + micro_batch_size] for k, v in batch.items()} for i in range(0, rows, micro_batch_size)]
 
 
-def data_parallel_slice(batch: Batch) -> Batch:
-    """This data-parallel rank's contiguous share of a global batch."""
-    dp = parallel_state.get_data_parallel_world_size()
-    rank = parallel_state.get_data_parallel_rank()
-    rows = batch["tokens"].shape[0]
-    if rows % dp:
-        raise ValueError(f"global batch of {rows} rows does not split over {dp} data-parallel ranks")
-    share = rows // dp
-    return {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
-
-
 def _iterators(micro: list[Batch], num_chunks: int):
     its = [iter(micro) for _ in range(num_chunks)]
     return its if num_chunks > 1 else its[0]
@@ -75,8 +65,8 @@ def reduce_losses(losses_reduced: list[dict]) -> tuple[float, int]:
 
 def run_microbatches(model: list, batch: Batch, micro_batch_size: int, seq_length: int,
                      forward_only: bool = False, step_fn=forward_step) -> tuple[float, int]:
-    """Forward (and backward) of this rank's share of a global batch through the pipeline schedule."""
-    micro = split_microbatches(data_parallel_slice(batch), micro_batch_size)
+    """Forward (and backward) of this data-parallel rank's rows of a global batch through the schedule."""
+    micro = split_microbatches(batch, micro_batch_size)
     losses = get_forward_backward_func()(
         forward_step_func=step_fn,
         data_iterator=_iterators(micro, len(model)),

@@ -130,9 +130,14 @@ def test_prompt_follows_the_paper():
     first = json.loads(synth.request_body(cfg, synth.FIRST_PREFIX, "X1"))
     assert first["temperature"] == 0.7 and first["n"] == 1 and first["model"] == cfg.model
     system, user = first["messages"]
-    assert system["role"] == "system" and "deeply understanding and reasoning" in system["content"]
-    assert "### Prefix:\nN/A\n\n### Suffix:\nX1\n\n### Your turn:" in user["content"]
-    assert "latent thoughts" in user["content"] and "markdown" in user["content"]
+    assert system["role"] == "system" and user["role"] == "user"
+    # The previous chunk ("N/A" for the first) comes before the chunk whose latent thoughts are asked for.
+    assert "Earlier passage:\nN/A\n\nFollowing passage:\nX1\n\n" in user["content"]
+    for requirement in ("latent thoughts", "background knowledge", "step by step", "No markdown",
+                        "Do not restate the earlier passage"):
+        assert requirement in user["content"]
+    second = json.loads(synth.request_body(cfg, "X1", "X2"))["messages"][1]["content"]
+    assert "Earlier passage:\nX1\n\nFollowing passage:\nX2" in second
 
 
 def test_retries_cache_and_output_in_document_order(tmp_path):

@@ -36,6 +36,8 @@ def results(tmp_path_factory, launch):
     reference = [
         {"name": "init", "mode": "make-init", "overrides": BASE, "save": init},
         {"name": "ws1", "mode": "train", "overrides": BASE, "init": init, "save": str(tmp / "ws1")},
+        {"name": "learn", "mode": "train", "init": init, "save": str(tmp / "learn"),
+         "overrides": BASE + ["train.train_iters=40", "train.lr=1e-2", "train.lr_warmup_iters=4"]},
     ]
     parallel = [
         {"name": name, "mode": "train", "overrides": BASE + extra, "init": init, "save": str(tmp / name)}
@@ -52,9 +54,11 @@ def results(tmp_path_factory, launch):
     return out
 
 
-def test_reference_loss_decreases(results):
-    losses = results["ws1"]["losses"]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+def test_tiny_model_learns_the_copy_task(results):
+    losses = results["learn"]["losses"]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, f"loss went from {first:.3f} to {last:.3f}"
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -40,7 +40,7 @@ def evaluate(cfg, ckpt_dir) -> list[list[float]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_bolt.checkpoint import dist as ckpt
-    from megatron_bolt.data.synthetic import copy_task_batch
+    from megatron_bolt.data.synthetic import CopyTaskRows
     from megatron_bolt.models.gpt import build_model
     from megatron_bolt.runtime import distributed
     from megatron_bolt.train.step import split_microbatches
@@ -50,7 +50,7 @@ def evaluate(cfg, ckpt_dir) -> list[list[float]]:
         ckpt.load_model(ckpt.resolve(ckpt_dir), model)
         for m in model:
             m.eval()
-        batch = copy_task_batch(10_000, EVAL_ROWS, cfg.data.seq_length, cfg.model.vocab_size, seed=99)
+        batch = CopyTaskRows(cfg.data.seq_length, cfg.model.vocab_size, seed=99).batch(10_000, EVAL_ROWS)
         sink: list[torch.Tensor] = []
         micro = split_microbatches(batch, EVAL_ROWS // 2)  # interleaved PP needs >= PP micro-batches
         iterators = [iter(micro) for _ in model]
