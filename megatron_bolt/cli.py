@@ -37,6 +37,7 @@ class Command:
     sections: tuple[str, ...]
     handler: str | None  # "module:function" taking (cfg, args); None until its issue lands
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    recipe: str | None = None  # "module:function" returning default overrides when no --config is given
 
 
 ALL = ("model", "parallel", "data", "train", "estep", "em", "eval")
@@ -44,7 +45,8 @@ ALL = ("model", "parallel", "data", "train", "estep", "em", "eval")
 COMMANDS: dict[str, Command] = {
     "quickstart": Command("Run the whole EM loop at tiny scale on this machine (the README's main job).", ALL,
                           "megatron_bolt.em.quickstart:main",
-                          (Flag("--out", "Output directory (default: runs/quickstart)."),)),
+                          (Flag("--out", "Output directory (default: runs/quickstart)."),),
+                          recipe="megatron_bolt.recipes:tiny_cpu_quickstart"),
     "prepare": Command("Read a corpus, split it and chunk documents by sentences.", ("prepare",),
                        "megatron_bolt.data.prepare:main"),
     "synthesize": Command("Write warm-start latents with a teacher model (OpenAI-compatible or local).",
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_bolt.runtime.world import world_from_env
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        base = None
+        if cmd.recipe and not args.config:
+            module, func = cmd.recipe.split(":")
+            base = getattr(importlib.import_module(module), func)()
+        cfg = load_config(args.config, args.overrides, base=base)
         cfg.validate(world_from_env().world_size)
     except ConfigError as exc:
         print(f"bolt {args.command}: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ nothing is silently ignored. Values in overrides are parsed as YAML scalars (``t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -179,9 +180,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config[T](path: str | Path | None = None, overrides: list[str] | None = None,
-                   cls: type[T] = BoltConfig) -> T:
-    """YAML file (optional) + overrides -> typed config. Validation is the caller's next step."""
-    data = read_yaml(path) if path else {}
+                   cls: type[T] = BoltConfig, base: dict[str, Any] | None = None) -> T:
+    """YAML file (or a recipe's ``base`` dict) + overrides -> typed config. Validation is the caller's next step."""
+    data = read_yaml(path) if path else copy.deepcopy(base or {})
     return from_dict(cls, apply_overrides(data, list(overrides or [])))
 
 
