@@ -1,10 +1,11 @@
-"""Throughput of ``bolt prepare`` (read, split, sentence-chunk, write) on the embedded corpus.
+"""Throughput of ``bolt prepare`` (read, split, sentence-chunk, write) and ``bolt build-dataset``
+(tokenise, lay out latents, write Megatron .bin/.idx) on the embedded corpus with its teacher latents.
 
     .venv/bin/python benchmarks/data_throughput.py --docs 100000 --workers 1 2
 
-Prints documents/s per worker count (end to end, pool start-up included), the CPU seconds spent (this
-process and its workers: on a shared machine the wall time depends on the load, the CPU time much less),
-the speed-up over the first count, and whether every worker count wrote byte-identical shards.
+Prints documents/s per stage and worker count (end to end, pool start-up included), the CPU seconds spent
+(this process and its workers: on a shared machine the wall time depends on the load, the CPU time much
+less), the speed-up over the first count, and whether every worker count wrote byte-identical outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 from megatron_bolt.config.schema import PrepareConfig
+from megatron_bolt.data.builder import build_joint_dataset
 from megatron_bolt.data.embedded import generate_embedded
 from megatron_bolt.data.prepare import run_prepare
 
@@ -46,17 +48,27 @@ def main() -> None:
             start, cpu_start = time.perf_counter(), _cpu_seconds()
             result = run_prepare(cfg, progress=False)
             seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
-            rates[workers] = result.report["docs_written"] / seconds
-            outputs[workers] = [prefix.with_name(n) for n in result.report["shards"]]
-            print(f"workers={workers}: {rates[workers]:,.0f} docs/s ({seconds:.2f} s wall, {cpu:.2f} s CPU, "
-                  f"{result.report['chunks_written'] / seconds:,.0f} chunks/s)")
+            docs = result.report["docs_written"]
+            rates["prepare", workers] = docs / seconds
+            shards = [prefix.with_name(n) for n in result.report["shards"]]
+            print(f"prepare       workers={workers}: {docs / seconds:,.0f} docs/s ({seconds:.2f} s wall, "
+                  f"{cpu:.2f} s CPU, {result.report['chunks_written'] / seconds:,.0f} chunks/s)")
+            data = Path(tmp) / f"w{workers}" / "joint"
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            meta = build_joint_dataset(shards, [corpus.latents], str(corpus.tokenizer), data, seed=0,
+                                       workers=workers, show_progress=False)
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+            rates["build-dataset", workers] = docs / seconds
+            print(f"build-dataset workers={workers}: {docs / seconds:,.0f} docs/s ({seconds:.2f} s wall, "
+                  f"{cpu:.2f} s CPU, {meta['tokens']['total'] / seconds:,.0f} tokens/s)")
+            outputs[workers] = [*shards, data.with_suffix(".bin"), data.with_suffix(".idx")]
         base = args.workers[0]
         for workers in args.workers[1:]:
             pairs = zip(outputs[base], outputs[workers], strict=True)
             same = all(filecmp.cmp(a, b, shallow=False) for a, b in pairs)
-            print(f"speed-up {workers} vs {base} workers: {rates[workers] / rates[base]:.2f}x; "
-                  f"identical output: {same}")
-
+            ratios = ", ".join(f"{stage} {rates[stage, workers] / rates[stage, base]:.2f}x"
+                               for stage in ("prepare", "build-dataset"))
+            print(f"speed-up {workers} vs {base} workers: {ratios}; identical output: {same}")
 
 if __name__ == "__main__":
     main()

@@ -73,7 +73,9 @@ def launch():
     import subprocess
 
     def run(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"}
+        env = {k: v for k, v in os.environ.items() if k not in launcher}
+        env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                    f"--master-port={_free_port()}", *args]

@@ -14,7 +14,6 @@ import datetime
 import logging
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -23,12 +22,6 @@ from megatron_bolt.config.schema import BoltConfig
 from megatron_bolt.runtime.world import WorldInfo, world_from_env
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:
@@ -57,17 +50,19 @@ def initialize(cfg: BoltConfig, seed: int | None = None, timeout_minutes: int = 
     else:
         torch.cuda.set_device(world.local_rank)
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            if world.world_size > 1:
-                raise RuntimeError("MASTER_PORT is not set: launch multi-process runs with torchrun or srun")
-            os.environ["MASTER_PORT"] = str(_free_port())
-        torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo",
-            rank=world.rank,
-            world_size=world.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if on_gpu else "gloo"
+        if world.world_size == 1:
+            # A world of one needs no rendezvous: an in-memory store opens no port and sets no env vars
+            # (which child processes would otherwise inherit and collide on).
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0,
+                                                 world_size=1, timeout=timeout)
+        else:
+            if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+                raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: launch multi-process runs with torchrun "
+                                   "or srun (with MASTER_ADDR/MASTER_PORT exported)")
+            torch.distributed.init_process_group(backend=backend, rank=world.rank, world_size=world.world_size,
+                                                 timeout=timeout)
         atexit.register(_destroy_process_group)
     from megatron.core import parallel_state
 
