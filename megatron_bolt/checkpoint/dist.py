@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_bolt.utils.atomic import write_text_atomic
+
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "bolt_meta.json"
 # Versioning flags for sharded state dicts, as Megatron-LM writes them. 'dp_reshardable' (Megatron-LM's
@@ -76,15 +78,6 @@ def _barrier():
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: dict[str, Any] | None = None,

@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from megatron_bolt.data.jsonl import hash_tree, iter_line_batches, write_atomic
+from megatron_bolt.data.jsonl import hash_tree, iter_line_batches
 from megatron_bolt.data.latents import LatentError, LatentIndex
+from megatron_bolt.utils.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from megatron_bolt.data.tokenizer import LatentTokenIds
@@ -375,7 +376,7 @@ def _publish(tmp: Path, out: Path, meta: dict[str, Any]) -> None:
     Path(f"{out}.json").unlink(missing_ok=True)
     for src, dst in zip(_outputs(tmp), _outputs(out), strict=True):
         os.replace(src, dst)
-    write_atomic(Path(f"{out}.json"), (json.dumps(meta, indent=2) + "\n").encode())
+    write_text_atomic(Path(f"{out}.json"), json.dumps(meta, indent=2) + "\n")
 
 
 def _remove_partial(tmp: Path) -> None:

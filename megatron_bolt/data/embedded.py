@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from megatron_bolt.utils.atomic import atomic_open
 
 HELD_OUT_EVERY = 10  # one problem in ten is reserved for evaluation
 TEMPLATES = ("mul_add", "mul_sub", "add_mul")
@@ -192,25 +193,8 @@ class EmbeddedCorpus:
     num_eval: int
 
 
-class _AtomicLines:
-    """A JSONL file written under a temporary name and moved into place on success."""
-
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-    def __enter__(self) -> _AtomicLines:
-        self.f = open(self.tmp, "w", encoding="utf-8", newline="\n")
-        return self
-
-    def write(self, obj: dict[str, Any]) -> None:
-        self.f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+def _write_line(f, obj: dict[str, Any]) -> None:
+    f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def generate_embedded(out_dir: str | Path, num_docs: int, seed: int = 0, num_eval: int = 200,
@@ -223,17 +207,17 @@ def generate_embedded(out_dir: str | Path, num_docs: int, seed: int = 0, num_eva
     root.mkdir(parents=True, exist_ok=True)
     docs_args = (num_docs, seed, min_problems, max_problems, pool_size)
     chunks = latents = 0
-    with _AtomicLines(root / "corpus.jsonl") as corpus, _AtomicLines(root / "latents.jsonl") as teacher:
+    with atomic_open(root / "corpus.jsonl") as corpus, atomic_open(root / "latents.jsonl") as teacher:
         for doc_id, doc in enumerate(iter_documents(*docs_args)):
-            corpus.write({"text": doc.text})
+            _write_line(corpus, {"text": doc.text})
             chunks += 2 * len(doc.latents)
             for chunk_index, latent in doc.latents.items():
-                teacher.write({"doc_id": doc_id, "chunk_index": chunk_index, "latent": latent})
+                _write_line(teacher, {"doc_id": doc_id, "chunk_index": chunk_index, "latent": latent})
                 latents += 1
-    with _AtomicLines(root / "eval.jsonl") as held_out:
+    with atomic_open(root / "eval.jsonl") as held_out:
         for p in eval_problems(num_eval, seed):
-            held_out.write({"question": p.question + "\n\n", "answer": f"{p.answer:03d}", "latent": p.latent,
-                            "template": p.template})
+            _write_line(held_out, {"question": p.question + "\n\n", "answer": f"{p.answer:03d}",
+                                   "latent": p.latent, "template": p.template})
     sample = islice(iter_documents(*docs_args), TOKENIZER_SAMPLE_DOCS)
     train_embedded_tokenizer((t for d in sample for t in (d.text, *d.latents.values())), root / "tokenizer",
                              vocab_size)

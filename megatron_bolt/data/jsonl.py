@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,16 +52,6 @@ def iter_line_batches(paths: list[Path], batch_size: int) -> Iterator[tuple[str,
                     batch = []
             if batch:
                 yield str(path), first, batch
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary sibling and ``os.replace``: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def hash_tree(path: str | Path) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter, deque
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from megatron_bolt.config.schema import ConfigError, PrepareConfig
 from megatron_bolt.data.chunking import chunk_text
 from megatron_bolt.data.corpus import CorpusError, Document, ReadReport, Split, expand_inputs, iter_documents
+from megatron_bolt.utils.atomic import atomic_open, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +81,14 @@ def params_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.params.json")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_shard(path: Path, docs: list[Document], params: ChunkParams) -> int:
     """Chunk ``docs`` into ``path`` atomically (a crash leaves only a hidden temp file); returns #chunks."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     chunks_written = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_open(path) as f:
         for doc in docs:
             chunks = chunk_text(doc.text, params.lam, params.max_units, params.seed)
             f.write(json.dumps({"doc_id": doc.index, "chunks": chunks}, ensure_ascii=False) + "\n")
             chunks_written += len(chunks)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return chunks_written
 
 
@@ -148,7 +138,7 @@ def _claim_prefix(prefix: str, params: dict[str, Any]) -> bool:
             )
         return report_path(prefix).is_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path, json.dumps(params, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(params, indent=1) + "\n")
     return False
 
 
@@ -226,7 +216,7 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
               "inputs": [p["path"] for p in params["inputs"]], **counts}
     if not report["shards"]:
         log.warning("no document of %s falls in split %r", cfg.input, cfg.split)
-    _write_text_atomic(done, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomic(done, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return PrepareResult(report, done, resumed, time.perf_counter() - start)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 
 from megatron_bolt.config.schema import BoltConfig, SynthesizeConfig
 from megatron_bolt.data.jsonl import expand_paths, iter_line_batches
+from megatron_bolt.utils.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -360,15 +361,11 @@ def _fetch_missing(cfg: SynthesizeConfig, client: ChatClient, cache: ResponseCac
 
 def _write_output(cfg: SynthesizeConfig, paths: list[Path], cache: ResponseCache, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(output, "wb") as f:
         for job in iter_jobs(cfg, paths):
             latent = cache.get(job.key)["latent"]
             line = {"doc_id": job.doc_id, "chunk_index": job.chunk_index, "latent": latent}
             f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, output)
 
 
 def _api_key(cfg: SynthesizeConfig) -> str | None:
