@@ -106,8 +106,8 @@ def flops_per_token(shape: Shape, causal_halved: bool = False) -> float:
 
     With d = h / n this is Megatron's 12*L*h^2 * (1 + g/n + s/h + 1.5*f/h) + 6*h*V per token, the
     ``12*L*h*s`` term being attention's. Causal attention is counted in full (every query against all s
-    keys), as Narayanan et al. 2021 and Megatron-LM until 2025 did and as the MFU targets here are stated;
-    Megatron-LM core_r0.19.0 halves that term for the causal mask, which ``causal_halved=True`` gives.
+    keys), as Narayanan et al. 2021 and Megatron-LM before late 2025 do and as the MFU targets here are
+    stated; Megatron-LM core_r0.19.0 halves that term for the causal mask, which ``causal_halved=True`` gives.
     Norms, RoPE, softmax and the loss are not counted; recomputed forwards are not counted (MFU, not HFU).
     """
     h, n, g, d, s = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.seq
@@ -326,10 +326,9 @@ def profile_step(step: Callable[[], float]) -> dict:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu() else [])
     synchronize()
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
@@ -405,7 +404,7 @@ def environment() -> dict:
     gpu = torch.cuda.get_device_name() if on_gpu() else None
     return {
         "device": gpu or f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "torch": torch.__version__, "cuda": torch.version.cuda if gpu else None, "python": platform.python_version(),
         "megatron_core": importlib.metadata.version("megatron-core"), "transformers": transformers.__version__,
         "transformer_engine": te_status(), "date": time.strftime("%Y-%m-%d"),
     }
@@ -417,7 +416,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 def print_report(report: dict) -> None:
     s, env = report["settings"], report["environment"]
-    print(f"\ndevice: {env['device']} | torch {env['torch']} (CUDA {env['cuda']}) | megatron-core "
+    cuda = f" (CUDA {env['cuda']})" if env["cuda"] else ""
+    print(f"\ndevice: {env['device']} | torch {env['torch']}{cuda} | megatron-core "
           f"{env['megatron_core']} | transformers {env['transformers']} | TE {env['transformer_engine']}")
     print(f"shape: {s['shape']} | micro-batch {s['micro_batch']}, global batch {s['global_batch']}, "
           f"{'bf16' if s['bf16'] else 'fp32'}, recompute {s['recompute']}, {s['warmup']} warm-up + "
@@ -431,7 +431,7 @@ def print_report(report: dict) -> None:
         if "step_ms_median" not in r:
             print(f"{name:8} {r['error']}")
             continue
-        print(f"{name:8} {r['step_ms_median']:9.1f} {r['tokens_per_s']:10.0f} {r['tflops_per_gpu']:8.1f} "
+        print(f"{name:8} {r['step_ms_median']:9.1f} {r['tokens_per_s']:10.0f} {r['tflops_per_gpu']:8.2f} "
               f"{fmt(r['mfu'], '6.1%')} {fmt(r['mfu_causal_halved'], '6.1%')} {fmt(r['peak_mem_gib'], '8.1f')} "
               f"{r['loss_first']:8.3f}->{r['loss_last']:.3f}{'  ' + r['error'] if 'error' in r else ''}")
     for name, ratio in report["ratios"].items():
@@ -466,11 +466,12 @@ def parse_args() -> argparse.Namespace:
                    help="Loops to run, in this order (bare adds bare-te where TE is importable).")
     p.add_argument("--micro-batch", type=int, help="Override the preset's micro-batch size.")
     p.add_argument("--global-batch", type=int, help="Override the preset's global batch size.")
-    p.add_argument("--recompute", choices=["none", "selective", "full"], help="Activation recompute.")
+    p.add_argument("--recompute", choices=["none", "selective", "full"],
+                   help="Activation recompute of the megatron loops; HF checkpoints layers for 'full' only.")
     p.add_argument("--warmup", type=int, help="Untimed steps per loop.")
     p.add_argument("--steps", type=int, help="Timed steps per loop.")
     p.add_argument("--peak-tflops", type=float, help="Peak for MFU (default: bf16 dense of a known GPU).")
-    p.add_argument("--profile", action="store_true", help="Profile one extra step of each loop.")
+    p.add_argument("--profile", action="store_true", help="Profile one extra step of each loop (GPU).")
     return p.parse_args()
 
 
@@ -480,6 +481,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     s = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     if s.bf16 and not on_gpu():
         raise SystemExit(f"--preset {args.preset} trains in bf16 and needs a GPU")
+    if args.profile and not on_gpu():
+        raise SystemExit("--profile sorts GPU kernel time and needs a GPU")
     if s.global_batch % s.micro_batch:
         raise SystemExit(f"global batch {s.global_batch} is not a multiple of micro-batch {s.micro_batch}")
     return s

@@ -88,8 +88,8 @@ def transformer_config(cfg: BoltConfig) -> TransformerConfig:
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
-        # Fused SwiGLU is megatron-core's own torch.compile'd kernel (no apex/TE): 7% faster steps at 1.1B on
-        # an H100 (docs/benchmarks.md). The other fusions need apex/TE kernels; the local spec runs PyTorch's.
+        # Fused SwiGLU is megatron-core's own torch.compile'd kernel (no apex/TE): 5-7% faster steps at 1.1B,
+        # micro-batch 4-8 on an H100 (docs/benchmarks.md). Other fusions need apex/TE; local runs PyTorch's.
         bias_activation_fusion=on_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
