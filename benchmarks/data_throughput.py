@@ -29,6 +29,15 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _warm_up(tokenizer_dir: Path) -> None:
+    """Pay one-time imports (transformers, megatron-core's indexed dataset) before anything is timed."""
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+    from megatron_bolt.data.tokenizer import BoltTokenizer
+
+    BoltTokenizer.from_pretrained(tokenizer_dir)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=100_000, help="Embedded-corpus documents.")
@@ -40,6 +49,7 @@ def main() -> None:
         corpus = generate_embedded(Path(tmp) / "embedded", args.docs, seed=0, num_eval=10)
         size_mb = corpus.corpus.stat().st_size / 2**20
         print(f"corpus: {args.docs} documents, {corpus.num_chunks} chunks, {size_mb:.1f} MiB")
+        _warm_up(corpus.tokenizer)
         rates, outputs = {}, {}
         for workers in args.workers:
             prefix = Path(tmp) / f"w{workers}" / "prepared"
