@@ -45,8 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# bf16 dense tensor-core peak (TFLOP/s) of SXM parts, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}
+from megatron_bolt.train import flops
 
 Batch = dict[str, torch.Tensor]
 
@@ -94,28 +93,10 @@ PRESETS = {
 
 
 def flops_per_token(shape: Shape, causal_halved: bool = False) -> float:
-    """Model FLOPs per trained token, forward + backward, of a Llama decoder (Megatron's formula).
-
-    Only matrix products count, at 2 FLOPs per multiply-add, times 3 for forward + backward (the backward
-    does a data-gradient and a weight-gradient product for each forward one). Per layer, forward, per token
-    (h hidden, n query heads, g KV heads, d = h / n, f SwiGLU width, s sequence, V padded vocabulary):
-
-        QKV projection  2 * h * (n*d + 2*g*d)      output projection  2 * n*d * h
-        QK^T and PV     2 * 2 * s * n*d            SwiGLU MLP         2 * 3 * h * f
-        logits (once, not per layer)               2 * h * V
-
-    With d = h / n this is Megatron's 12*L*h^2 * (1 + g/n + s/h + 1.5*f/h) + 6*h*V per token, the
-    ``12*L*h*s`` term being attention's. Causal attention is counted in full (every query against all s
-    keys), as Narayanan et al. 2021 and Megatron-LM before late 2025 do and as the MFU targets here are
-    stated; Megatron-LM core_r0.19.0 halves that term for the causal mask, which ``causal_halved=True`` gives.
-    Norms, RoPE, softmax and the loss are not counted; recomputed forwards are not counted (MFU, not HFU).
-    """
-    h, n, g, d, s = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.seq
-    projections = 2 * h * (n * d + 2 * g * d) + 2 * n * d * h
-    core_attention = 2 * 2 * s * n * d * (0.5 if causal_halved else 1.0)
-    mlp = 2 * 3 * h * shape.ffn
-    logits = 2 * h * shape.padded_vocab
-    return 3 * (shape.layers * (projections + core_attention + mlp) + logits)
+    """Model FLOPs per trained token (megatron_bolt.train.flops documents the formula)."""
+    return flops.flops_per_token(layers=shape.layers, hidden=shape.hidden, heads=shape.heads,
+                                 kv_heads=shape.kv_heads, head_dim=shape.head_dim, ffn=shape.ffn, seq=shape.seq,
+                                 vocab=shape.padded_vocab, causal_halved=causal_halved)
 
 
 def on_gpu() -> bool:
@@ -308,8 +289,7 @@ def peak_tflops(override: float | None) -> float | None:
     """The bf16 dense peak of this GPU, or None (CPU, fp32, or a GPU not in the table) for MFU n/a."""
     if override or not on_gpu():
         return override
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return flops.peak_tflops(torch.cuda.get_device_name())
 
 
 def kernel_kind(name: str) -> str:

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from megatron_bolt.data.dataset import build_train_dataset, rank_batches
 from megatron_bolt.data.synthetic import CopyTaskRows
 from megatron_bolt.models.gpt import build_model
 from megatron_bolt.runtime import distributed
+from megatron_bolt.train.metrics import MetricsLogger
 from megatron_bolt.train.setup import build_optimizer, build_scheduler, wrap_ddp
 from megatron_bolt.train.step import train_step
 
@@ -52,22 +52,22 @@ def train(cfg: BoltConfig) -> list[dict]:
             Path(c.save).mkdir(parents=True, exist_ok=True)
             (Path(c.save) / "config.yaml").write_text(dump_yaml(cfg))
         batches = _batches(cfg, step)
+        metrics_log = MetricsLogger(cfg, world.rank, world.world_size, step)
         for chunk in model:
             chunk.train()
-        while step < t.train_iters:
-            start = time.perf_counter()
-            metrics = train_step(model, optimizer, scheduler, next(batches), t.micro_batch_size, cfg.data.seq_length)
-            step += 1
-            metrics.update(step=step, seconds=time.perf_counter() - start)
-            history.append(metrics)
-            if not math.isfinite(metrics["loss"]) and t.on_nonfinite == "stop":
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
-            if world.rank == 0 and step % t.log_interval == 0:
-                log.info("step %d loss %.4f grad_norm %.3f lr %.2e", step, metrics["loss"],
-                         metrics["grad_norm"] or 0.0, metrics["lr"])
-            if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
-                sd = ckpt.training_sharded_state_dict(model, optimizer)
-                ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last)
+        try:
+            while step < t.train_iters:
+                start = time.perf_counter()
+                metrics = train_step(model, optimizer, scheduler, next(batches), t.micro_batch_size,
+                                     cfg.data.seq_length, t.on_nonfinite)
+                step += 1
+                metrics.update(step=step, seconds=time.perf_counter() - start)
+                history.append(metrics_log.step(metrics))
+                if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
+                    sd = ckpt.training_sharded_state_dict(model, optimizer)
+                    ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last)
+        finally:
+            metrics_log.close()
     return history
 
 

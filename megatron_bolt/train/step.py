@@ -8,6 +8,7 @@ loading identical on every rank of a model-parallel group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from functools import partial
 
@@ -79,14 +80,30 @@ def run_microbatches(model: list, batch: Batch, micro_batch_size: int, seq_lengt
     return reduce_losses(losses)
 
 
-def train_step(model: list, optimizer, scheduler, batch: Batch, micro_batch_size: int, seq_length: int):
-    """Zero grads, forward/backward all micro-batches, finalize grads (inside the schedule), step."""
+def train_step(model: list, optimizer, scheduler, batch: Batch, micro_batch_size: int, seq_length: int,
+               on_nonfinite: str = "stop") -> dict:
+    """Zero grads, forward/backward all micro-batches, finalize grads (inside the schedule), step.
+
+    The loss is reduced before the update and is the same on every rank, so all ranks decide alike: a
+    non-finite loss stops the run (``stop``) or skips the update and its batch (``skip``; the step still
+    counts, as in Megatron-LM). A non-finite gradient norm with a finite loss stops in both modes: the
+    optimizer has applied the update by the time it reports the norm.
+    """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     loss, tokens = run_microbatches(model, batch, micro_batch_size, seq_length)
+    lr = optimizer.param_groups[0]["lr"]
+    if not math.isfinite(loss):
+        if on_nonfinite == "stop":
+            raise FloatingPointError(f"non-finite loss {loss}; stopping before the update "
+                                     "(train.on_nonfinite=skip skips such steps instead)")
+        return {"loss": loss, "tokens": tokens, "grad_norm": None, "update_successful": False, "lr": lr,
+                "skipped": True}
     ok, grad_norm, _ = optimizer.step()
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm {grad_norm} with finite loss {loss}; stopping")
     if ok:
         scheduler.step(increment=1)
-    return {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "update_successful": ok,
-            "lr": optimizer.param_groups[0]["lr"]}
+    return {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "update_successful": ok, "lr": lr,
+            "skipped": False}

@@ -36,6 +36,8 @@ def results(tmp_path_factory, launch):
     reference = [
         {"name": "init", "mode": "make-init", "overrides": BASE, "save": init},
         {"name": "ws1", "mode": "train", "overrides": BASE, "init": init, "save": str(tmp / "ws1")},
+        *({"name": f"recompute_{kind}", "mode": "train", "init": init, "save": str(tmp / f"recompute_{kind}"),
+           "overrides": BASE + [f"train.recompute={kind}"]} for kind in ("full", "selective")),
         {"name": "learn", "mode": "train", "init": init, "save": str(tmp / "learn"),
          "overrides": BASE + ["train.train_iters=40", "train.lr=1e-2", "train.lr_warmup_iters=4"]},
     ]
@@ -61,7 +63,7 @@ def test_tiny_model_learns_the_copy_task(results):
     assert last < first - 0.5, f"loss went from {first:.3f} to {last:.3f}"
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [*LAYOUTS, "recompute_full", "recompute_selective"])
 def test_same_losses_as_world_size_1(results, layout):
     ref, got = results["ws1"], results[layout]
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=2e-5)
