@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -80,8 +81,44 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def rng_state() -> dict[str, Any]:
+    """This rank's random state: Python, torch CPU (and CUDA), and megatron's model-parallel tracker."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / "rng" / f"rank_{rank:05d}.pt"
+
+
+def load_rng(ckpt: str | Path) -> bool:
+    """Restore this rank's random state if the checkpoint has one for a world of this size; returns whether
+    it did (a resume at another world size starts the generators from the seed instead)."""
+    ckpt = Path(ckpt)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if read_meta(ckpt).get("world_size") != world or not _rng_file(ckpt, _rank()).is_file():
+        return False
+    set_rng_state(torch.load(_rng_file(ckpt, _rank()), weights_only=True))
+    return True
+
+
 def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: dict[str, Any] | None = None,
-         keep_last: int | None = None) -> Path:
+         keep_last: int | None = None, save_rng: bool = False) -> Path:
     """Collective: every rank calls it with its own sharded state dict. Returns the published directory."""
     root = Path(root)
     final = step_dir(root, step)
@@ -93,9 +130,14 @@ def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: 
         partial.mkdir()
     _barrier()
     dist_checkpointing.save(sharded_state_dict, str(partial), content_metadata=dict(CONTENT_METADATA))
+    if save_rng:
+        _rng_file(partial, _rank()).parent.mkdir(exist_ok=True)
+        torch.save(rng_state(), _rng_file(partial, _rank()))
     _barrier()
     if _rank() == 0:
-        write_text_atomic(partial / META, json.dumps({"step": step, **(meta or {})}, indent=2, sort_keys=True))
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        meta = {"step": step, "world_size": world, **(meta or {})}
+        write_text_atomic(partial / META, json.dumps(meta, indent=2, sort_keys=True))
         if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(partial, final)

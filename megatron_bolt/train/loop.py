@@ -65,7 +65,8 @@ def train(cfg: BoltConfig) -> list[dict]:
                 history.append(metrics_log.step(metrics))
                 if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
                     sd = ckpt.training_sharded_state_dict(model, optimizer)
-                    ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last)
+                    ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last,
+                              save_rng=True)
         finally:
             metrics_log.close()
     return history
@@ -98,6 +99,8 @@ def _load(path: Path, model, optimizer, scheduler, weights_only: bool) -> int:
     optimizer.load_state_dict(loaded["optimizer"])
     meta = ckpt.read_meta(path)
     scheduler.load_state_dict(meta["scheduler"])
+    if not ckpt.load_rng(path):
+        log.warning("%s has no random state for this world size: generators restart from the seed", path)
     return int(meta["step"])
 
 
