@@ -38,6 +38,8 @@ class Command:
     handler: str | None  # "module:function" taking (cfg, args); None until its issue lands
     flags: tuple[Flag, ...] = field(default_factory=tuple)
     recipe: str | None = None  # "module:function" returning default overrides when no --config is given
+    # False where the model comes from a checkpoint or HF directory: the handler validates against it.
+    validate_early: bool = True
 
 
 ALL = ("model", "parallel", "data", "train", "estep", "em", "eval")
@@ -62,17 +64,17 @@ COMMANDS: dict[str, Command] = {
                           Flag("--tp", "Intended tensor parallel size: validated and recorded (the checkpoint "
                                 "reshards on load to any layout).", type=int, default=1),
                           Flag("--pp", "Intended pipeline parallel size (validated and recorded, like --tp).", type=int,
-                               default=1))),
+                               default=1)), validate_early=False),
     "export-hf": Command("Export a Megatron checkpoint as a Hugging Face directory.", ("model",),
                           "megatron_bolt.convert.hf_io:export_main",
                          (Flag("--ckpt", "Checkpoint directory.", required=True),
-                          Flag("--out", "Output HF directory.", required=True))),
+                          Flag("--out", "Output HF directory.", required=True)), validate_early=False),
     "sample": Command("Sample latents for text chunks through a generation backend.", ("estep",), None),
     "score": Command("Teacher-forced per-token log-probabilities with the Megatron model.",
                      ("model", "parallel", "train"), "megatron_bolt.score.scorer:main",
                      (Flag("--ckpt", "Checkpoint directory.", required=True),
                       Flag("--input", "Input JSONL (token_ids or text per line).", required=True),
-                      Flag("--output", "Output JSONL.", required=True))),
+                      Flag("--output", "Output JSONL.", required=True)), validate_early=False),
     "estep": Command("E-step: sample, score, importance-resample latents for the next iteration.",
                      ("model", "parallel", "estep"), None),
     "em": Command("Run the EM loop: warm start, then E-step / M-step iterations.", ALL, None),
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             module, func = cmd.recipe.split(":")
             base = getattr(importlib.import_module(module), func)()
         cfg = load_config(args.config, args.overrides, base=base)
-        cfg.validate(world_from_env().world_size)
+        if cmd.validate_early:
+            cfg.validate(world_from_env().world_size)
     except ConfigError as exc:
         print(f"bolt {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -63,3 +63,11 @@ def test_bad_config_fails_before_anything_starts():
 def test_world_size_from_the_launcher_is_checked():
     proc = _bolt("train", "parallel.tensor_model_parallel_size=2", env={"RANK": "0", "WORLD_SIZE": "3"})
     assert proc.returncode == 2 and "world size 3 is not divisible" in proc.stderr
+
+
+def test_checkpoint_commands_validate_against_the_checkpoint_model(tmp_path, capsys):
+    """A layout that only the default model cannot take must not block `score`: its model is the checkpoint's."""
+    code = cli.main(["score", "--ckpt", str(tmp_path / "absent"), "--input", str(tmp_path / "in.jsonl"),
+                     "--output", str(tmp_path / "out.jsonl"), "model.num_attention_heads=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and "num_attention_heads" not in err
