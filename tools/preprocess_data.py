@@ -3,9 +3,13 @@
     python tools/preprocess_data.py --input data/finemath/*.parquet --output-prefix runs/data/warm \\
         --split 0:1:20 --workers 8
 
-Same library call as ``bolt prepare`` (megatron_bolt.data.prepare.run_prepare), with Megatron's flag names.
-Unlike Megatron's tool it does not tokenize: the output is text chunks, and tokens are made later by
-``bolt build-dataset``, once the latents exist; so there are no tokenizer flags.
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix runs/data/raw --workers 2 \
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model TOKENIZER_DIR [--latents latents.jsonl]
+
+Same library calls as ``bolt prepare`` and ``bolt build-dataset``, with Megatron's flag names. Without a
+tokenizer the output is text chunks (PREFIX-00000.jsonl ...), ready for latents; with ``--tokenizer-model``
+the tool goes on, like Megatron's, to a Megatron indexed dataset PREFIX_text_document.bin/.idx (raw text,
+or joint latent+text when ``--latents`` are given; the tokenizer gets the latent tokens if it lacks them).
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from megatron_bolt.config.schema import ConfigError, PrepareConfig
+from megatron_bolt.data.builder import BuildError, build_joint_dataset
 from megatron_bolt.data.corpus import CorpusError
+from megatron_bolt.data.latents import LatentError
 from megatron_bolt.data.prepare import run_prepare
 
 
@@ -34,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-seed", type=int, default=defaults.chunk_seed, help="Chunk-length seed offset.")
     p.add_argument("--max-record-bytes", type=int, default=defaults.max_record_bytes,
                    help="Longer records are skipped and counted.")
+    p.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer"], default="HuggingFaceTokenizer",
+                   help="Only Hugging Face tokenizers (a local directory) are supported.")
+    p.add_argument("--tokenizer-model", help="Tokenizer directory: also build PREFIX_text_document.bin/.idx.")
+    p.add_argument("--latents", nargs="*", default=[], help="Latent JSONL files for a joint dataset.")
+    p.add_argument("--seed", type=int, default=1234, help="Seed of the prior/posterior layout coin.")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -47,11 +59,21 @@ def main(argv: list[str] | None = None) -> int:
                             chunk_lambda=args.chunk_lambda, max_chunk_units=args.max_chunk_units,
                             chunk_seed=args.chunk_seed, max_record_bytes=args.max_record_bytes)
         result = run_prepare(cfg)
-    except (ConfigError, CorpusError) as exc:
+        print(result.summary())
+        if args.tokenizer_model:
+            _build(args, result)
+    except (ConfigError, CorpusError, BuildError, LatentError, FileNotFoundError) as exc:
         print(f"preprocess_data: {exc}", file=sys.stderr)
         return 2
-    print(result.summary())
     return 0
+
+
+def _build(args, result) -> None:
+    shards = [result.report_path.with_name(name) for name in result.report["shards"]]
+    out = f"{args.output_prefix}_text_document"
+    meta = build_joint_dataset(shards, [Path(p) for p in args.latents], args.tokenizer_model, out, seed=args.seed,
+                               workers=args.workers)
+    print(f"{out}.bin/.idx: {meta['counts']['documents']} documents, {meta['tokens']['total']} tokens")
 
 
 if __name__ == "__main__":

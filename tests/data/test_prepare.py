@@ -156,3 +156,25 @@ def test_megatron_style_tool_matches_the_library_call(corpus, tmp_path):
     assert tool.main(argv) == 0
     lib = run_prepare(config(inputs, tmp_path / "lib" / "p", split="0:1:3", chunk_lambda=3.0), progress=False)
     assert shard_bytes(tmp_path / "tool" / "p", lib.report) == shard_bytes(tmp_path / "lib" / "p", lib.report)
+
+
+def test_megatron_style_tool_builds_an_indexed_dataset(corpus, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_bolt.data.tokenizer import train_embedded_tokenizer
+
+    inputs, texts = corpus
+    tok = train_embedded_tokenizer(texts.values(), tmp_path / "tok", vocab_size=300)
+    spec = importlib.util.spec_from_file_location("preprocess_data", ROOT / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    prefix = tmp_path / "out" / "p"
+    argv = ["--input", *inputs, "--output-prefix", str(prefix), "--split", "all",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path / "tok")]
+    assert tool.main(argv) == 0
+    data = IndexedDataset(f"{prefix}_text_document")
+    assert len(data) == len(texts)  # every good record, none of the 3 malformed ones
+    ids = tok.ids
+    for i, text in enumerate(texts[k] for k in sorted(texts)):
+        tokens = data[i].tolist()  # chunks are tokenised one by one: compare the text they decode to
+        assert tokens[0] == ids.bos and tokens[-1] == ids.eos and tok.decode(tokens[1:-1]) == text
