@@ -85,20 +85,6 @@ def read_requests(path: str | Path, tokenizer_loader, max_positions: int, vocab_
     return requests
 
 
-def _forward_step(sink: list, data_iterator, model):
-    from megatron_bolt.runtime import device
-    from megatron_bolt.train.step import loss_func
-
-    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-
-    def collect(output):
-        sink.append(output.detach().float().cpu())
-        return loss_func(batch["loss_mask"], output)
-
-    return out, collect
-
-
 def _pad_multiple(cfg: BoltConfig) -> int:
     return cfg.parallel.tensor_model_parallel_size if cfg.parallel.sequence_parallel else 1
 
@@ -111,6 +97,8 @@ def score_sequences(cfg: BoltConfig, model: list, sequences: list[list[int]]) ->
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_bolt.train.step import collecting_forward_step
 
     mbs = cfg.train.micro_batch_size
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -142,7 +130,8 @@ def score_sequences(cfg: BoltConfig, model: list, sequences: list[list[int]]) ->
         iterators = [iter(micro) for _ in model]
         with torch.no_grad():
             get_forward_backward_func()(
-                forward_step_func=partial(_forward_step, sink), data_iterator=iterators if vpp else iterators[0],
+                forward_step_func=partial(collecting_forward_step, sink),
+                data_iterator=iterators if vpp else iterators[0],
                 model=model, num_microbatches=n_micro, seq_length=seq, micro_batch_size=mbs, forward_only=True,
             )
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

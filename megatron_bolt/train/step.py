@@ -37,6 +37,18 @@ def forward_step(data_iterator: Iterator[Batch], model):
     return output, partial(loss_func, batch["loss_mask"])
 
 
+def collecting_forward_step(sink: list, data_iterator: Iterator[Batch], model):
+    """``forward_step`` that also appends each micro-batch's per-token losses (-log p) to ``sink`` (on the
+    last pipeline stage): teacher-forced scoring through the same schedule as training."""
+    output, loss = forward_step(data_iterator, model)
+
+    def collect(output_tensor):
+        sink.append(output_tensor.detach().float().cpu())
+        return loss(output_tensor)
+
+    return output, collect
+
+
 def split_microbatches(batch: Batch, micro_batch_size: int) -> list[Batch]:
     rows = batch["tokens"].shape[0]
     if rows % micro_batch_size:

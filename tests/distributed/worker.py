@@ -20,20 +20,6 @@ import torch
 EVAL_ROWS = 4
 
 
-def _collect_forward_step(sink, data_iterator, model):
-    from megatron_bolt.runtime import device
-    from megatron_bolt.train.step import loss_func
-
-    batch = {k: v.to(device()) for k, v in next(data_iterator).items()}
-    out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-
-    def collect(output):
-        sink.append(output.detach().float().cpu())
-        return loss_func(batch["loss_mask"], output)
-
-    return out, collect
-
-
 def evaluate(cfg, ckpt_dir) -> list[list[float]]:
     """Per-token losses of a fixed batch, known on every rank."""
     from megatron.core import parallel_state
@@ -43,7 +29,7 @@ def evaluate(cfg, ckpt_dir) -> list[list[float]]:
     from megatron_bolt.data.synthetic import CopyTaskRows
     from megatron_bolt.models.gpt import build_model
     from megatron_bolt.runtime import distributed
-    from megatron_bolt.train.step import split_microbatches
+    from megatron_bolt.train.step import collecting_forward_step, split_microbatches
 
     with distributed(cfg):
         model = build_model(cfg)
@@ -56,7 +42,7 @@ def evaluate(cfg, ckpt_dir) -> list[list[float]]:
         iterators = [iter(micro) for _ in model]
         with torch.no_grad():
             get_forward_backward_func()(
-                forward_step_func=partial(_collect_forward_step, sink),
+                forward_step_func=partial(collecting_forward_step, sink),
                 data_iterator=iterators if len(model) > 1 else iterators[0], model=model,
                 num_microbatches=len(micro), seq_length=cfg.data.seq_length, micro_batch_size=EVAL_ROWS // 2,
                 forward_only=True,
