@@ -138,13 +138,17 @@ class BoltGPTModel(GPTModel):
         self.true_vocab_size = true_vocab_size
 
     def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits with the vocabulary (possibly a TP shard of it) as the last dimension."""
+        """Logits with the vocabulary (possibly a TP shard of it) as the last dimension.
+
+        Fills only the padding columns, in place: no pass over the whole [s, b, V] tensor. Autograd allows it
+        (the output layer's backward needs its input, not its output); masked entries get zero gradient.
+        """
         local = logits.shape[-1]
         start = parallel_state.get_tensor_model_parallel_rank() * local
-        if start + local <= self.true_vocab_size:
-            return logits
-        keep = torch.arange(start, start + local, device=logits.device) < self.true_vocab_size
-        return logits.masked_fill(~keep, float("-inf"))
+        first_pad = max(self.true_vocab_size - start, 0)
+        if first_pad < local:
+            logits[..., first_pad:].fill_(float("-inf"))
+        return logits
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return super().compute_language_model_loss(labels, self._mask_padding(logits))
