@@ -88,3 +88,24 @@ def launch():
         return proc
 
     return run
+
+
+def random_llama(vocab: int = 100, layers: int = 2, heads: int = 4, kv_heads: int = 2, seed: int = 0,
+                 max_positions: int = 64, **config):
+    """A small random HF LlamaForCausalLM (hidden 64, FFN 96, RoPE theta 5000, untied), in eval mode.
+
+    HF initialises RMSNorm weights to 1; they are randomised so that mapping every tensor matters.
+    """
+    import torch
+    import transformers
+
+    settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+                    rope_theta=5000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model

@@ -7,7 +7,6 @@ rejects layouts that cannot work before any process group starts, naming the fie
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -287,7 +286,3 @@ class BoltConfig:
 
         validate(self, world_size)
         return self
-
-
-def is_section(f: dataclasses.Field) -> bool:
-    return isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)

@@ -20,7 +20,6 @@ of GPTDataset's shuffle and sample indices) are computed with numpy, saved next 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from megatron_bolt.data.builder import KINDS_SUFFIX, Segment, read_sidecar
+from megatron_bolt.utils.atomic import atomic_open
 
 if TYPE_CHECKING:
     from megatron_bolt.config.schema import BoltConfig
@@ -97,11 +97,10 @@ class JointDataset:
 
     @staticmethod
     def _save(path: Path, table: np.ndarray) -> None:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
+            # Concurrent ranks write identical bytes under per-process temp names; any winner is fine.
+            with atomic_open(path, "wb") as f:
                 np.save(f, table, allow_pickle=False)
-            os.replace(tmp, path)  # concurrent ranks write identical bytes; any winner is fine
         except OSError as exc:
             log.warning("cannot cache the epoch order at %s (%s); keeping it in memory", path, exc)
 

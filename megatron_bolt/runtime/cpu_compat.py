@@ -238,7 +238,3 @@ def enable() -> None:
     dist_opt._build_model_and_main_param_groups = classmethod(_with_cuda_type_strings(build_groups))
     _ENABLED = True
     log.info("megatron-core CPU compatibility enabled")
-
-
-def enabled() -> bool:
-    return _ENABLED

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_llama
 
 from megatron_bolt import cli
 from megatron_bolt.convert.hf_io import ConversionError, export_hf, import_hf, latent_row_init
@@ -34,17 +35,7 @@ def make_tokenizer(path):
 
 
 def make_hf_model(path, vocab, seed=0, max_positions=64):
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=max_positions, rope_theta=5000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # HF initialises norms to 1: randomise so the mapping of every tensor matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+    model = random_llama(vocab, seed=seed, max_positions=max_positions, bos_token_id=1, eos_token_id=2)
     model.save_pretrained(str(path), safe_serialization=True)
     return model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_llama
 
 from megatron_bolt.config import BoltConfig
 from megatron_bolt.convert import llama
@@ -12,19 +13,8 @@ from megatron_bolt.convert.mapping import hf_to_megatron, megatron_to_hf
 transformers = pytest.importorskip("transformers")
 
 
-def hf_model(vocab=100, layers=2, heads=4, kv_heads=2, theta=5000.0, seed=0):
-    config = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, max_position_embeddings=64, rope_theta=theta, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # HF initialises norms to 1: randomise so the mapping of every tensor matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+def hf_model(vocab=100, layers=2, heads=4, kv_heads=2, seed=0):
+    return random_llama(vocab, layers, heads, kv_heads, seed, attn_implementation="sdpa")
 
 
 def bolt_config(hf, **model_overrides) -> BoltConfig:
