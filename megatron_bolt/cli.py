@@ -29,6 +29,7 @@ class Flag:
     required: bool = False
     type: type = str
     default: object = None
+    nargs: str | None = None  # e.g. "+" for a positional taking one or more values (names without dashes)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,13 @@ class Command:
     # False where the model comes from a checkpoint or HF directory: the handler validates against it.
     validate_early: bool = True
 
+
+_ESTEP_FLAGS = (
+    Flag("--ckpt", "Megatron checkpoint of the generator (the previous iteration's model).", required=True),
+    Flag("--hf-dir", "Its Hugging Face export, loaded by the engine (default: exported once into OUTPUT/hf)."),
+    Flag("--shard", "Run this shard only (Slurm array task id); default: every pending shard.", type=int),
+    Flag("--stage", "all | sample | score | merge.", default="all"),
+)
 
 ALL = ("model", "parallel", "data", "train", "estep", "em", "eval")
 
@@ -69,22 +77,34 @@ COMMANDS: dict[str, Command] = {
                           "megatron_bolt.convert.hf_io:export_main",
                          (Flag("--ckpt", "Checkpoint directory.", required=True),
                           Flag("--out", "Output HF directory.", required=True)), validate_early=False),
-    "sample": Command("Sample latents for text chunks through a generation backend.", ("estep",), None),
+    "sample": Command("E-step sample stage alone: draw K latents per chunk through a generation backend.",
+                      ("parallel", "train", "estep"), "megatron_bolt.estep.run:sample_main", _ESTEP_FLAGS[:3],
+                      validate_early=False),
     "score": Command("Teacher-forced per-token log-probabilities with the Megatron model.",
                      ("model", "parallel", "train"), "megatron_bolt.score.scorer:main",
                      (Flag("--ckpt", "Checkpoint directory.", required=True),
                       Flag("--input", "Input JSONL (token_ids or text per line).", required=True),
                       Flag("--output", "Output JSONL.", required=True)), validate_early=False),
     "estep": Command("E-step: sample, score, importance-resample latents for the next iteration.",
-                     ("model", "parallel", "estep"), None),
+                     ("parallel", "train", "estep"), "megatron_bolt.estep.run:main", _ESTEP_FLAGS,
+                     validate_early=False),
     "em": Command("Run the EM loop: warm start, then E-step / M-step iterations.", ALL, None),
-    "eval": Command("Few-shot evaluation (embedded task, MATH, GSM8K).", ("model", "eval"), None,
-                    (Flag("--ckpt", "Checkpoint or HF directory to evaluate."),)),
+    "eval": Command("Evaluate a model: greedy few-shot accuracy (embedded task, MATH, GSM8K) or raw perplexity.",
+                    ("eval",), "megatron_bolt.eval.runner:main",
+                    (Flag("--ckpt", "Megatron checkpoint (exported to HF once) or HF directory to evaluate.",
+                          required=True),), validate_early=False),
+    "report": Command("Render report.md and plots from EM runs' report.json files (compare several runs).", (),
+                      "megatron_bolt.report.render:main",
+                      (Flag("runs", "Run directories, each holding report.json.", nargs="+"),
+                       Flag("--out", "Output directory for report.md and the PNG plots.", required=True)),
+                      validate_early=False),
 }
 
 
 def _config_epilog(sections: tuple[str, ...]) -> str:
     rows = [r for r in field_help(BoltConfig) if r[0].split(".")[0] in sections]
+    if not rows:
+        return ""
     width = max(len(k) for k, _, _ in rows)
     lines = ["config keys (set in --config YAML or as key=value overrides):"]
     for key, default, text in rows:
@@ -104,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML config file (see examples/).")
         for flag in cmd.flags:
-            p.add_argument(flag.name, help=flag.help, required=flag.required, type=flag.type, default=flag.default)
+            extra = {"nargs": flag.nargs} if flag.nargs else {}
+            if flag.name.startswith("-"):  # argparse takes `required` for options only
+                extra["required"] = flag.required
+            p.add_argument(flag.name, help=flag.help, type=flag.type, default=flag.default, **extra)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.lr=3e-4.")
     return parser
 

@@ -56,6 +56,16 @@ class ModelConfig:
         "Core attention for the local spec: 'sdpa' (torch scaled_dot_product_attention, flash kernels on "
         "GPU) or 'unfused' (megatron-core's reference DotProductAttention).",
     )
+    latent_thoughts_per_token: int = opt(
+        0, "Continuous latent thoughts per token (PonderLM-2, docs/ponder.md); 0 is the standard model. K > 0 also "
+        "scales token embeddings by sqrt(2.5 h) and uses the paper's truncated-normal init (not init_method_std).",
+    )
+    jacobi_iters_train: list[int] = opt(
+        [2, 4], "Latent thoughts: Jacobi passes per training micro-batch, drawn uniformly from [low, high].",
+    )
+    jacobi_iters_eval: int = opt(
+        3, "Latent thoughts: Jacobi passes in eval mode (scoring, evaluation, Jacobi prefill of generation).",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -143,42 +153,103 @@ class TrainConfig:
 class SamplingConfig:
     """How latents are drawn; T = 1, top-p 1 and no top-k keep log q exact (bolt-method.md)."""
 
-    backend: Literal["hf", "trtllm", "vllm"] = opt("hf", "Generation backend.")
+    backend: Literal["hf", "trtllm", "vllm"] = opt(
+        "hf", "Generation backend: 'trtllm' (TensorRT-LLM, production), 'hf' (transformers, CPU/GPU reference), 'vllm'."
+    )
     num_samples: int = opt(4, "Latents drawn per chunk (K).")
     temperature: float = opt(1.0, "Sampling temperature.")
     top_p: float = opt(1.0, "Nucleus sampling mass.")
     top_k: int = opt(0, "Top-k (0 disables; anything else distorts q).")
     max_new_tokens: int = opt(1024, "Longest latent generated.")
-    seed: int = opt(0, "Sampling seed.")
+    seed: int = opt(0, "Sampling seed (each chunk's samples are seeded from it, its doc_id and chunk_index).")
+    batch_size: int = opt(16, "Chunks per generation call (x num_samples sequences); the unit of in-shard resume.")
+    dtype: str = opt("auto", "Engine weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = opt("auto", "hf backend device: auto (cuda if available), cpu or cuda.")
+    tensor_parallel_size: int = opt(1, "trtllm/vllm: GPUs one engine spans.")
+    kv_cache_free_gpu_memory_fraction: float = opt(0.85, "trtllm/vllm: share of free GPU memory for the KV cache.")
+    max_batch_size: int = opt(256, "trtllm/vllm: sequences in flight per engine.")
+    trtllm_runtime: Literal["pytorch", "tensorrt"] = opt(
+        "pytorch", "trtllm: the PyTorch runtime (loads the HF export) or a TensorRT engine built once per checkpoint."
+    )
+    engine_dir: str | None = opt(
+        None, "trtllm tensorrt runtime: where the engine is built/reused (default: HF_DIR/trtllm-engine-tpN)."
+    )
 
 
 @dataclass(kw_only=True)
 class EStepConfig:
     """Sampling, joint scoring and importance resampling of latents."""
 
+    documents: list[str] = opt([], "Prepared document JSONL (files, directories or globs) to sample latents for.")
+    output_dir: str | None = opt(None, "E-step directory: samples/, scores/, latents.jsonl, estep.json.")
     prefix_chunks: int = opt(3, "Raw chunks before the current one used as context.")
     context_length: int = opt(2048, "Longest prompt + generation / scored sequence.")
-    num_shards: int = opt(1, "Independent shards the chunks are split into.")
+    num_shards: int = opt(1, "Independent shards the chunks are split into (one GPU, node or array task each).")
     resample_seed: int = opt(0, "Seed of the importance-resampling draw.")
+    chunk_pattern: str | None = opt(
+        None, "Regex: only chunks whose text matches get latents (None: every chunk). The embedded corpus: '^A:'."
+    )
+    rescore_q: bool = opt(False, "Also recompute log q with the Megatron model (diagnostic: engine vs trainer).")
     sampling: SamplingConfig = section(SamplingConfig, "Latent generation.")
 
 
 @dataclass(kw_only=True)
 class EMConfig:
-    """The outer loop: warm start, then bootstrap iterations."""
+    """The outer loop: warm start (iteration 0), then bootstrap iterations (bolt-method.md)."""
 
     iterations: int = opt(2, "Bootstrap EM iterations after the warm start.")
     restart_from_base: bool = opt(True, "Each M-step starts from the base weights (the paper), not the last iterate.")
     run_dir: str = opt("runs/bolt", "Directory holding every stage's artifacts and manifests.")
+    base_checkpoint: str | None = opt(
+        None, "Megatron checkpoint of the base model (e.g. from bolt import-hf); None: random initialisation."
+    )
+    warm_documents: list[str] = opt([], "Prepared documents of the warm-start split (bolt prepare output).")
+    warm_latents: list[str] = opt([], "Teacher latents for the warm-start split (bolt synthesize output).")
+    bootstrap_documents: list[str] = opt([], "Prepared documents the E-step samples latents for.")
+    keep_warm_latents: bool = opt(
+        False, "Also train every bootstrap M-step on the warm-start split with its teacher latents."
+    )
+    heldout_documents: list[str] = opt(
+        [], "Prepared held-out documents for ELBO diagnostics after every iteration (empty: skip)."
+    )
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    task: Literal["embedded", "math", "gsm8k"] = opt("embedded", "Benchmark.")
+    """`bolt eval`: greedy few-shot accuracy (or raw perplexity) of a checkpoint or HF directory."""
+
+    task: Literal["embedded", "math", "gsm8k", "perplexity"] = opt(
+        "embedded", "Benchmark; 'perplexity' scores plain held-out text ({text} records) instead."
+    )
     data_path: str | None = opt(None, "Local JSONL/Parquet/HF-datasets directory with the problems.")
-    num_shots: int | None = opt(None, "Demonstrations (default: MATH 4, GSM8K 8).")
+    split: str = opt("test", "Split to read from a DatasetDict directory or a directory of per-split files.")
+    num_shots: int | None = opt(None, "Demonstrations (default: MATH 4, GSM8K 8; the embedded task is zero-shot).")
+    fewshot_path: str | None = opt(
+        None, "JSON/JSONL demonstrations {problem, latent, answer} replacing the bundled ones."
+    )
+    latent: bool = opt(
+        True, "Prompt the model to think first (SOL PRIOR_PREFIX) and read the answer after EOL; false prompts "
+        "directly with the latent tokens banned (raw models)."
+    )
+    backend: Literal["hf", "trtllm", "vllm"] = opt("hf", "Generation backend.")
+    batch_size: int = opt(16, "Prompts per generate call.")
     max_new_tokens: int = opt(512, "Generation budget per problem.")
     limit: int | None = opt(None, "Evaluate only the first N problems.")
+    output_dir: str | None = opt(
+        None, "Where predictions.jsonl and summary.json go (default: runs/eval/TASK); a Megatron checkpoint is "
+        "exported once to OUTPUT_DIR/../hf_cache/."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"eval.limit={self.limit} must be at least 1 (or null for every problem)")
+        if self.num_shots is not None and self.num_shots < 0:
+            raise ConfigError(f"eval.num_shots={self.num_shots} must be >= 0")
+        if self.task == "embedded" and self.num_shots:
+            raise ConfigError("eval.num_shots applies to math and gsm8k: the embedded task is zero-shot")
 
 
 @dataclass(kw_only=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,15 @@ def _scoring_config(cfg: BoltConfig, saved: BoltConfig, world_size: int) -> Bolt
     return run
 
 
-def score_file(cfg: BoltConfig, ckpt_path: str | Path, input_path: str | Path, output_path: str | Path) -> int:
-    """Score every line of ``input_path`` into ``output_path``; returns the number of lines (collective)."""
-    from megatron.core import parallel_state
+@contextmanager
+def loaded_model(cfg: BoltConfig, ckpt_path: str | Path):
+    """(run config, model chunks, world, checkpoint root, saved config) of a checkpoint, in eval mode.
 
+    The model section comes from the checkpoint; parallel layout and micro-batch size from ``cfg``. The
+    process group and parallel state live as long as the context.
+    """
     from megatron_bolt.checkpoint import dist as ckpt
-    from megatron_bolt.convert.hf_io import find_tokenizer, load_checkpoint_config
-    from megatron_bolt.data.tokenizer import BoltTokenizer
+    from megatron_bolt.convert.hf_io import load_checkpoint_config
     from megatron_bolt.models.gpt import build_model
     from megatron_bolt.runtime import distributed
     from megatron_bolt.runtime.world import world_from_env
@@ -173,36 +176,59 @@ def score_file(cfg: BoltConfig, ckpt_path: str | Path, input_path: str | Path, o
         run.validate(world_size)
     except ConfigError as exc:
         raise ScoreError(f"layout does not fit the checkpoint's model: {exc}") from None
-
-    def tokenizer_loader():
-        tok_dir = find_tokenizer(root, saved)
-        if tok_dir is None:
-            raise ScoreError(f"input has 'text' lines but {root} has no tokenizer/ (and data.tokenizer is unset)")
-        return BoltTokenizer.from_pretrained(tok_dir)
-
-    requests = read_requests(input_path, tokenizer_loader, run.model.max_position_embeddings, run.model.vocab_size)
     with distributed(run) as world:
         model = build_model(run)
         ckpt.load_model(step, model)
         for chunk in model:
             chunk.eval()
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        mine = list(range(dp_rank, len(requests), dp))
-        scores = score_sequences(run, model, [requests[i][1] for i in mine])
-        holder = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                  and parallel_state.get_tensor_model_parallel_rank() == 0)
-        payload = list(zip(mine, scores, strict=True)) if holder else []
-        gathered: list[Any] = [None] * world.world_size
-        torch.distributed.all_gather_object(gathered, payload)
+        yield run, model, world, root, saved
+
+
+def score_distributed(run: BoltConfig, model: list, sequences: list[list[int]]) -> list[list[float]] | None:
+    """Score ``sequences`` (the same list on every rank) split across data-parallel ranks.
+
+    Collective over the world; rank 0 gets every sequence's log-probs (``score_sequences`` layout), other
+    ranks get None.
+    """
+    from megatron.core import parallel_state
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    mine = list(range(dp_rank, len(sequences), dp))
+    scores = score_sequences(run, model, [sequences[i] for i in mine])
+    holder = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+              and parallel_state.get_tensor_model_parallel_rank() == 0)
+    payload = list(zip(mine, scores, strict=True)) if holder else []
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, payload)
+    if torch.distributed.get_rank() != 0:
+        return None
+    merged: dict[int, list[float]] = {}
+    for part in gathered:
+        merged.update(dict(part))
+    if len(merged) != len(sequences):
+        raise RuntimeError(f"scored {len(merged)} of {len(sequences)} sequences: ranks disagree")
+    return [merged[i] for i in range(len(sequences))]
+
+
+def score_file(cfg: BoltConfig, ckpt_path: str | Path, input_path: str | Path, output_path: str | Path) -> int:
+    """Score every line of ``input_path`` into ``output_path``; returns the number of lines (collective)."""
+    from megatron_bolt.convert.hf_io import find_tokenizer
+    from megatron_bolt.data.tokenizer import BoltTokenizer
+
+    with loaded_model(cfg, ckpt_path) as (run, model, world, root, saved):
+        def tokenizer_loader():
+            tok_dir = find_tokenizer(root, saved)
+            if tok_dir is None:
+                raise ScoreError(f"input has 'text' lines but {root} has no tokenizer/ (and data.tokenizer is unset)")
+            return BoltTokenizer.from_pretrained(tok_dir)
+
+        requests = read_requests(input_path, tokenizer_loader, run.model.max_position_embeddings,
+                                 run.model.vocab_size)
+        scores = score_distributed(run, model, [ids for _, ids in requests])
         if world.rank == 0:
-            merged: dict[int, list[float]] = {}
-            for part in gathered:
-                merged.update(dict(part))
-            if len(merged) != len(requests):
-                raise RuntimeError(f"scored {len(merged)} of {len(requests)} lines: ranks disagree")
             _write_atomic(Path(output_path), (
-                {**rest, "token_ids": ids, "logprobs": [None, *merged[i]]}
-                for i, (rest, ids) in enumerate(requests)
+                {**rest, "token_ids": ids, "logprobs": [None, *lp]}
+                for (rest, ids), lp in zip(requests, scores, strict=True)
             ))
         torch.distributed.barrier()
     return len(requests)
