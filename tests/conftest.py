@@ -1,6 +1,6 @@
 """Shared fixtures and optional-backend filtering.
 
-Markers (pyproject.toml) name what a test needs: ``te``, ``trtllm``, ``gpu``, ``nemo``. Tests carrying one
+Markers (pyproject.toml) name what a test needs: ``te``, ``trtllm``, ``vllm``, ``gpu``, ``nemo``. Tests carrying one
 are skipped with the reason when that backend cannot be imported here; ``slow`` and ``distributed`` tests
 always run (CI included).
 """
@@ -39,6 +39,7 @@ _BACKENDS = {
     "te": _te_reason,
     "trtllm": lambda: _module_reason("tensorrt_llm", "trtllm environment"),
     "nemo": lambda: _module_reason("nemo_run", "nemo"),
+    "vllm": lambda: _module_reason("vllm", "a CUDA machine: pip install vllm"),
     "gpu": _gpu_reason,
 }
 
