@@ -29,6 +29,7 @@ class Flag:
     required: bool = False
     type: type = str
     default: object = None
+    action: str | None = None  # e.g. "store_true" for a switch
     nargs: str | None = None  # e.g. "+" for a positional taking one or more values (names without dashes)
 
 
@@ -88,7 +89,13 @@ COMMANDS: dict[str, Command] = {
     "estep": Command("E-step: sample, score, importance-resample latents for the next iteration.",
                      ("parallel", "train", "estep"), "megatron_bolt.estep.run:main", _ESTEP_FLAGS,
                      validate_early=False),
-    "em": Command("Run the EM loop: warm start, then E-step / M-step iterations.", ALL, None),
+    "em": Command("Run the EM loop: warm start, then E-step / M-step iterations (resumable).", ALL,
+                  "megatron_bolt.em.runner:main",
+                  (Flag("--launcher", "local (this process, stage by stage) or slurm (queue the whole plan).",
+                        default="local"),
+                   Flag("--cluster", "Cluster settings for --launcher slurm (see examples/cluster.yaml)."),
+                   Flag("--dry-run", "With --launcher slurm: print the sbatch commands, submit nothing.",
+                        action="store_true"))),
     "eval": Command("Evaluate a model: greedy few-shot accuracy (embedded task, MATH, GSM8K) or raw perplexity.",
                     ("eval",), "megatron_bolt.eval.runner:main",
                     (Flag("--ckpt", "Megatron checkpoint (exported to HF once) or HF directory to evaluate.",
@@ -127,7 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
             extra = {"nargs": flag.nargs} if flag.nargs else {}
             if flag.name.startswith("-"):  # argparse takes `required` for options only
                 extra["required"] = flag.required
-            p.add_argument(flag.name, help=flag.help, type=flag.type, default=flag.default, **extra)
+            if flag.action:
+                extra["action"] = flag.action
+            else:
+                extra["type"] = flag.type
+            p.add_argument(flag.name, help=flag.help, default=flag.default, **extra)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. train.lr=3e-4.")
     return parser
 

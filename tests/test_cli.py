@@ -10,7 +10,7 @@ import pytest
 from megatron_bolt import cli
 
 FIXED = ["quickstart", "prepare", "synthesize", "build-dataset", "train", "import-hf", "export-hf", "sample",
-         "score", "estep", "em", "eval"]
+         "score", "estep", "em", "eval", "report"]
 
 
 def _bolt(*args, env=None):

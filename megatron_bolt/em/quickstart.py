@@ -1,91 +1,84 @@
-"""``bolt quickstart``: the whole pipeline at tiny scale on this machine, with no network and no GPU.
+"""``bolt quickstart``: the whole BoLT EM loop at tiny scale on this machine, with no network and no GPU.
 
     bolt quickstart                     # writes runs/quickstart
-    bolt quickstart --out /tmp/qs train.train_iters=50
+    bolt quickstart --out /tmp/qs em.iterations=3 estep.sampling.num_samples=4
 
-Stages (each skipped when its output is already complete, so a rerun resumes): generate the embedded
-arithmetic corpus with teacher latents and its tokenizer; chunk it (``bolt prepare``); build the joint
-latent+text dataset (``bolt build-dataset``); warm-start training of a tiny Llama on megatron-core
-(``bolt train``). This is iteration 0 of BoLT's EM loop; the E-step/M-step iterations, evaluation and plots
-join this command with the EM loop.
+1. generate the embedded arithmetic corpus (documents, teacher latents for answer chunks, held-out
+   questions, a byte-level tokenizer with the latent tokens);
+2. chunk it into three disjoint splits (``bolt prepare``): a warm-start slice with teacher latents, the
+   bootstrap documents the E-step labels, and a few held-out documents for ELBO diagnostics;
+3. run the EM plan (``bolt em``): warm start, then ``em.iterations`` rounds of E-step (sample K latents
+   per answer chunk with the previous model, score, importance-resample) and M-step (build, train from
+   scratch, export), each evaluated on the held-out questions;
+4. write OUT/report.json, OUT/report.md and PNG plots (accuracy and ELBO by iteration, loss curves).
+Every step resumes: rerunning the same command after a crash continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 from megatron_bolt.config.schema import BoltConfig, PrepareConfig
+from megatron_bolt.utils.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
-NUM_DOCS = 2000
-NUM_EVAL = 200
 
-
-def _stage(timings: dict, name: str, fn):
-    start = time.perf_counter()
-    result = fn()
-    timings[name] = round(time.perf_counter() - start, 2)
-    log.info("quickstart: %s done in %.1f s", name, timings[name])
-    return result
-
-
-def run(cfg: BoltConfig, out: Path) -> dict:
-    from megatron_bolt.data.builder import build_joint_dataset
+def prepare_corpus(cfg: BoltConfig, out: Path) -> dict:
+    """Corpus and the three prepared splits under OUT/corpus and OUT/prepared (each skipped when done)."""
     from megatron_bolt.data.embedded import generate_embedded
-    from megatron_bolt.data.jsonl import expand_paths
-    from megatron_bolt.data.prepare import run_prepare
+    from megatron_bolt.data.prepare import read_prepared, run_prepare
+    from megatron_bolt.recipes import QUICKSTART_CORPUS as Q
+
+    corpus = out / "corpus"
+    if not (corpus / "manifest.json").is_file():
+        generate_embedded(corpus, Q["documents"], seed=cfg.data.seed, num_eval=Q["eval_questions"])
+    for name, split in Q["splits"].items():
+        prefix = out / "prepared" / name / "docs"
+        run_prepare(PrepareConfig(input=[str(corpus / "corpus.jsonl")], output_prefix=str(prefix), split=split,
+                                  chunk_lambda=0.0), progress=False)
+    warm_latents = corpus / "warm_latents.jsonl"
+    if not warm_latents.is_file():  # the teacher's latents for the warm-start documents only (as synthesize writes)
+        warm = {doc["doc_id"] for doc in read_prepared(out / "prepared" / "warm" / "docs")}
+        with open(corpus / "latents.jsonl", encoding="utf-8") as src, atomic_open(warm_latents) as dst:
+            dst.writelines(line for line in src if json.loads(line)["doc_id"] in warm)
+    return json.loads((corpus / "manifest.json").read_text(encoding="utf-8"))
+
+
+def configure(cfg: BoltConfig, out: Path) -> BoltConfig:
+    """Point the EM, data and eval sections at the generated files (explicit user overrides of paths win)."""
     from megatron_bolt.data.tokenizer import BoltTokenizer
-    from megatron_bolt.train.loop import train
 
-    timings: dict[str, float] = {}
-    corpus_dir = out / "corpus"
-
-    def corpus():
-        if (corpus_dir / "manifest.json").is_file():
-            return json.loads((corpus_dir / "manifest.json").read_text())
-        generate_embedded(corpus_dir, NUM_DOCS, seed=cfg.data.seed, num_eval=NUM_EVAL)
-        return json.loads((corpus_dir / "manifest.json").read_text())
-
-    manifest = _stage(timings, "corpus", corpus)
-    prepare_cfg = PrepareConfig(input=[str(corpus_dir / "corpus.jsonl")], output_prefix=str(out / "prepared" / "docs"),
-                                chunk_lambda=0.0)
-    _stage(timings, "prepare", lambda: run_prepare(prepare_cfg, progress=True))
-    tokenizer_dir = str(corpus_dir / "tokenizer")
-    data_prefix = out / "data" / "warmstart"
-    meta = _stage(timings, "build-dataset", lambda: build_joint_dataset(
-        expand_paths([str(out / "prepared")], "documents"), [corpus_dir / "latents.jsonl"], tokenizer_dir,
-        data_prefix, seed=cfg.data.seed))
-
-    cfg.data.tokenizer = tokenizer_dir
-    cfg.data.data_prefix = [str(data_prefix)]
-    cfg.model.vocab_size = BoltTokenizer.from_pretrained(tokenizer_dir).vocab_size
-    cfg.train.checkpoint.save = str(out / "checkpoints" / "iter0")
+    corpus, prepared = out / "corpus", out / "prepared"
+    cfg.data.tokenizer = cfg.data.tokenizer or str(corpus / "tokenizer")
+    cfg.model.vocab_size = BoltTokenizer.from_pretrained(cfg.data.tokenizer).vocab_size
+    em = cfg.em
+    em.run_dir = str(out / "em")
+    em.warm_documents = em.warm_documents or [str(prepared / "warm")]
+    em.warm_latents = em.warm_latents or [str(corpus / "warm_latents.jsonl")]
+    em.bootstrap_documents = em.bootstrap_documents or [str(prepared / "bootstrap")]
+    em.heldout_documents = em.heldout_documents or [str(prepared / "heldout")]
+    cfg.eval.data_path = cfg.eval.data_path or str(corpus / "eval.jsonl")
     cfg.validate(1)
-    history = _stage(timings, "train", lambda: train(cfg))
-
-    report = {
-        "iteration": 0,
-        "corpus": manifest,
-        "dataset": {"documents": meta["counts"]["documents"], "tokens": meta["tokens"]["total"]},
-        "train": {"steps": len(history), "first_loss": history[0]["loss"] if history else None,
-                  "final_loss": history[-1]["loss"] if history else None,
-                  "tokens_trained": sum(h["tokens"] for h in history)},
-        "seconds": timings,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return cfg
 
 
 def main(cfg: BoltConfig, args) -> int:
+    import shutil
+
+    from megatron_bolt.em.runner import run_plan, summary_table, write_report
+
     out = Path(args.out or "runs/quickstart")
     out.mkdir(parents=True, exist_ok=True)
-    report = run(cfg, out)
-    t = report["train"]
-    loss = f"loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}" if t["steps"] else "already trained"
-    print(f"quickstart: warm start trained {t['steps']} steps ({loss}); "
-          f"stage seconds {report['seconds']}; report: {out / 'report.json'}")
+    prepare_corpus(cfg, out)
+    configure(cfg, out)
+    run_dir, _, seconds = run_plan(cfg)
+    report = write_report(cfg, run_dir, seconds, name="quickstart")
+    for name in ("report.json", "report.md", *(p.name for p in run_dir.glob("*.png"))):
+        shutil.copy2(run_dir / name, out / name)
+    print(summary_table(report))
+    print(f"quickstart: done. Report: {out / 'report.md'} (plots and report.json beside it; every stage's "
+          f"outputs under {run_dir})")
     return 0

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from megatron_bolt.train.setup import build_optimizer, build_scheduler, wrap_ddp
 from megatron_bolt.train.step import train_step
 
 log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"  # per-step metrics appended by rank 0 next to the checkpoints
 
 
 def _batches(cfg: BoltConfig, start_step: int):
@@ -53,6 +56,7 @@ def train(cfg: BoltConfig) -> list[dict]:
             (Path(c.save) / "config.yaml").write_text(dump_yaml(cfg))
         batches = _batches(cfg, step)
         metrics_log = MetricsLogger(cfg, world.rank, world.world_size, step)
+        record = open(Path(c.save) / METRICS, "a", encoding="utf-8") if world.rank == 0 and c.save else None
         for chunk in model:
             chunk.train()
         try:
@@ -63,13 +67,36 @@ def train(cfg: BoltConfig) -> list[dict]:
                 step += 1
                 metrics.update(step=step, seconds=time.perf_counter() - start)
                 history.append(metrics_log.step(metrics))
+                if record:
+                    record.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))
+                                             or v is None}) + "\n")
+                    record.flush()
                 if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
                     sd = ckpt.training_sharded_state_dict(model, optimizer)
                     ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last,
                               save_rng=True)
         finally:
             metrics_log.close()
+            if record:
+                record.close()
     return history
+
+
+def read_metrics(save_dir: str | Path) -> list[dict]:
+    """The per-step metrics a run appended to SAVE/metrics.jsonl, one per step (a step redone after a resume
+    keeps its last record)."""
+    path = Path(save_dir) / METRICS
+    if not path.is_file():
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def _restore(cfg: BoltConfig, model, optimizer, scheduler) -> int:
