@@ -37,7 +37,7 @@ class Flag:
 class Command:
     help: str
     sections: tuple[str, ...]
-    handler: str | None  # "module:function" taking (cfg, args); None until its issue lands
+    handler: str  # "module:function" taking (cfg, args)
     flags: tuple[Flag, ...] = field(default_factory=tuple)
     recipe: str | None = None  # "module:function" returning default overrides when no --config is given
     # False where the model comes from a checkpoint or HF directory: the handler validates against it.
@@ -147,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = COMMANDS[args.command]
-    if cmd.handler is None:
-        print(f"bolt {args.command}: not implemented yet", file=sys.stderr)
-        return 2
     from megatron_bolt.config.loader import load_config
     from megatron_bolt.runtime.world import world_from_env
 

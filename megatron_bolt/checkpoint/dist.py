@@ -167,13 +167,17 @@ def resolve(path: str | Path) -> Path | None:
         if not (target / META).is_file():
             raise CheckpointError(f"{latest} names {target}, which is not a complete checkpoint")
         return target
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir():
         if (path / "metadata.json").is_file():
             raise CheckpointError(f"{path} is a dist_checkpointing directory without {META}: not saved by bolt")
         steps = list_steps(path)
         if steps:
             return step_dir(path, steps[-1])
-        raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' and no step_* with {META})")
+        broken = sorted(p.name for p in path.iterdir() if STEP_RE.match(p.name))
+        if broken:
+            raise CheckpointError(f"{path} holds step directories without {META} ({', '.join(broken[:3])}): not a "
+                                  "complete checkpoint; remove them to start over")
+    # A new root, or one holding only what a run writes before its first save (config, metrics, logs).
     return None
 
 
