@@ -93,6 +93,27 @@ def _parallel(cfg: BoltConfig, errors: list[str], world_size: int | None) -> Non
                 )
 
 
+def _latent_thoughts(cfg: BoltConfig, errors: list[str]) -> None:
+    """PonderLM-2 (docs/ponder.md): each micro-batch makes K + J + 1 passes through the whole model, which
+    pipeline schedules cannot express, and feeding a slot's output to the next slot needs the whole sequence
+    on every rank (no sequence-parallel sharding)."""
+    m, p = cfg.model, cfg.parallel
+    k, train_iters = m.latent_thoughts_per_token, m.jacobi_iters_train
+    if k < 0:
+        errors.append(f"model.latent_thoughts_per_token={k} must be >= 0 (0: the standard model)")
+    if len(train_iters) != 2 or not 0 <= train_iters[0] <= train_iters[1]:
+        errors.append(f"model.jacobi_iters_train={train_iters} must be [low, high] with 0 <= low <= high")
+    if m.jacobi_iters_eval < 0:
+        errors.append(f"model.jacobi_iters_eval={m.jacobi_iters_eval} must be >= 0")
+    if k <= 0:
+        return
+    if p.pipeline_model_parallel_size > 1 or p.virtual_pipeline_model_parallel_size is not None:
+        errors.append(f"model.latent_thoughts_per_token={k} needs parallel.pipeline_model_parallel_size=1 (and no "
+                      "virtual pipeline): use tensor/data parallelism plus train.recompute instead")
+    if p.sequence_parallel:
+        errors.append(f"model.latent_thoughts_per_token={k} does not support parallel.sequence_parallel=true")
+
+
 def _data_and_train(cfg: BoltConfig, errors: list[str]) -> None:
     d, t, m = cfg.data, cfg.train, cfg.model
     if d.seq_length < 2:
@@ -159,6 +180,7 @@ def validate(cfg: BoltConfig, world_size: int | None = None) -> None:
     errors: list[str] = []
     _model(cfg, errors)
     _parallel(cfg, errors, world_size)
+    _latent_thoughts(cfg, errors)
     _data_and_train(cfg, errors)
     _estep(cfg, errors)
     _build_and_synthesize(cfg, errors)

@@ -353,6 +353,10 @@ def export_hf(ckpt_path: str | Path, out: str | Path, max_shard_bytes: int = DEF
     if dtype not in _DTYPES:
         raise ConversionError(f"unsupported export dtype {dtype!r}; one of {', '.join(_DTYPES)}")
     m = cfg.model
+    if m.latent_thoughts_per_token:
+        raise ConversionError(f"{step} is a continuous-latent-thought model (model.latent_thoughts_per_token="
+                              f"{m.latent_thoughts_per_token}): a Llama export would drop its thought slots; serve it "
+                              "with the 'ponder' generation backend instead")
 
     conv = _conversion_config(cfg)
     with distributed(conv):

@@ -59,6 +59,11 @@ def transformer_config(cfg: BoltConfig) -> TransformerConfig:
                    num_layers_at_start_in_bf16=t.fp8_bf16_first_last_layers,
                    num_layers_at_end_in_bf16=t.fp8_bf16_first_last_layers,
                    first_last_layers_bf16=t.fp8_bf16_first_last_layers > 0)
+    init = {}
+    if m.latent_thoughts_per_token:
+        from megatron_bolt.models.ponder import paper_init_methods
+
+        init = paper_init_methods(m)
     # Interleaved pipelining overlaps p2p (Megatron-LM's default): batched p2p would pair several sends and
     # receives between the same two ranks in one batch when PP = 2, which mismatches tensors.
     interleaved = p.virtual_pipeline_model_parallel_size is not None
@@ -100,6 +105,7 @@ def transformer_config(cfg: BoltConfig) -> TransformerConfig:
         calculate_per_token_loss=True,
         **recompute,
         **fp8,
+        **init,
     )
 
 
@@ -161,14 +167,21 @@ class BoltGPTModel(GPTModel):
 
 
 def build_model(cfg: BoltConfig) -> list[GPTModel]:
-    """One GPTModel chunk per virtual pipeline stage on this rank (a list of one without VPP)."""
+    """One GPTModel chunk per virtual pipeline stage on this rank (a list of one without VPP); with
+    ``model.latent_thoughts_per_token > 0`` the PonderLM-2 model (models/ponder.py), same parameters."""
     tconf = transformer_config(cfg)
     scaling, factor = _rope_scaling(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    model_cls, extra = BoltGPTModel, {}
+    if cfg.model.latent_thoughts_per_token:
+        from megatron_bolt.models.ponder import PonderGPTModel, ponder_kwargs
+
+        model_cls, extra = PonderGPTModel, ponder_kwargs(cfg)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = BoltGPTModel(
+        model = model_cls(
+            **extra,
             true_vocab_size=cfg.model.vocab_size,
             config=tconf,
             transformer_layer_spec=block_spec(cfg, tconf, stage),

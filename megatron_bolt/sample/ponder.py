@@ -121,13 +121,13 @@ class PonderBackend:
                 token = int(chosen[row])
                 tokens[a].append(token)
                 logps[a].append(picked[row])
-                if token in params.stop_token_ids or (
-                        params.stop_strings and _hit(self.tokenizer.decode(tokens[a][-32:]), params.stop_strings)):
+                tail = self.tokenizer.decode(tokens[a][-32:]) if params.stop_strings else ""
+                if token in params.stop_token_ids or any(s in tail for s in params.stop_strings):
                     reasons[a] = "stop"
                 else:
                     keep.append(row)
             if not keep or position + 1 - len(prompt) >= params.max_tokens or position >= self.max_positions:
-                break  # the model has no position for another token: the rest end as "length"
+                break  # all stopped, max_tokens reached, or no position left to feed another token
             if len(keep) < len(active):
                 rows = torch.tensor(keep, device=dev)
                 cache.select(rows)
@@ -143,10 +143,6 @@ def _choose(raw: torch.Tensor, params: SamplingParams, gens: list[torch.Generato
         return filtered.argmax(-1)
     probs = torch.softmax(filtered, dim=-1)
     return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(gens)])
-
-
-def _hit(text: str, stops: tuple[str, ...]) -> bool:
-    return any(s in text for s in stops)
 
 
 def _inference_config(saved, options: BackendOptions, world_size: int):

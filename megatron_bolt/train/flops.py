@@ -32,10 +32,22 @@ def flops_per_token(*, layers: int, hidden: int, heads: int, kv_heads: int, head
 
 
 def model_flops_per_token(cfg: BoltConfig, causal_halved: bool = False) -> float:
+    """Per trained token. With K latent thoughts per token (models/ponder.py) a step makes K initial passes
+    over 1..K slots per token and J + 1 passes over K + 1 slots (J the mean of model.jacobi_iters_train),
+    each a sequence of slots * seq_length, all with backward; the output layer runs once."""
     m = cfg.model
-    return flops_per_token(layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-                           kv_heads=m.num_query_groups, head_dim=m.head_dim, ffn=m.ffn_hidden_size,
-                           seq=cfg.data.seq_length, vocab=m.padded_vocab_size, causal_halved=causal_halved)
+    shape = dict(layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads, kv_heads=m.num_query_groups,
+                 head_dim=m.head_dim, ffn=m.ffn_hidden_size, causal_halved=causal_halved)
+    seq, thoughts = cfg.data.seq_length, m.latent_thoughts_per_token
+    if not thoughts:
+        return flops_per_token(**shape, seq=seq, vocab=m.padded_vocab_size)
+
+    def slot_pass(slots: int) -> float:
+        return slots * flops_per_token(**shape, seq=slots * seq, vocab=0)
+
+    jacobi = sum(m.jacobi_iters_train) / 2
+    passes = sum(slot_pass(k) for k in range(1, thoughts + 1)) + (jacobi + 1) * slot_pass(thoughts + 1)
+    return passes + flops_per_token(**{**shape, "layers": 0}, seq=seq, vocab=m.padded_vocab_size)
 
 
 def peak_tflops(device_name: str) -> float | None:

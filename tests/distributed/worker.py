@@ -5,8 +5,10 @@
 
 PLAN.json is a list of phases ``{"name", "overrides": [...], "init": DIR?, "save": DIR?, "mode"}`` where mode is
 ``make-init`` (build the model, save its initial weights to ``save``), ``train`` (the real ``bolt train``
-loop from ``init``'s weights, saving to ``save``, then evaluating what it saved) or ``eval`` (per-token
-losses of checkpoint ``init``). OUT.json maps each name to {"losses", "grad_norms", "eval"} (rank 0 writes).
+loop from ``init``'s weights, saving to ``save``, then evaluating what it saved), ``eval`` (per-token
+losses of checkpoint ``init``) or ``generate`` (the ``ponder`` backend's samples from checkpoint ``init`` at
+the phase's tensor-parallel size). OUT.json maps each name to {"losses", "grad_norms", "eval"} or
+{"generate"} (rank 0 writes).
 """
 
 from __future__ import annotations
@@ -55,6 +57,20 @@ def evaluate(cfg, ckpt_dir) -> list[list[float]]:
         return result.tolist()
 
 
+def generate(cfg, ckpt_dir) -> list[list]:
+    """[token ids, log-probs] of seeded samples from fixed prompts, known on every rank."""
+    from megatron_bolt.sample.interfaces import BackendOptions, Request, SamplingParams, load_backend
+
+    options = BackendOptions(tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    backend = load_backend("ponder", ckpt_dir, options)
+    try:
+        out = backend.generate([Request([5, 6, 7, 8, 9], seed=1), Request([11, 4], seed=2)],
+                               SamplingParams(n=2, max_tokens=5))
+    finally:
+        backend.close()
+    return [[g.token_ids, g.logprobs] for gens in out for g in gens]
+
+
 def run_phase(phase: dict) -> dict:
     from megatron_bolt.checkpoint import dist as ckpt
     from megatron_bolt.config.loader import load_config
@@ -71,6 +87,8 @@ def run_phase(phase: dict) -> dict:
         return {}
     if mode == "eval":
         return {"eval": evaluate(cfg, phase["init"])}
+    if mode == "generate":
+        return {"generate": generate(cfg, phase["init"])}
     cfg.train.checkpoint.save = phase["save"]
     if phase.get("init"):
         cfg.train.checkpoint.load, cfg.train.checkpoint.finetune = phase["init"], True
