@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 # The quickstart's embedded corpus and its disjoint splits (prepare.split syntax, by document index): a quarter
 # of the documents get teacher latents for the warm start, an eighth are labelled by the E-step, a fortieth
 # are held out for ELBO diagnostics. Sizes keep the whole EM loop within minutes on a 2-core CPU.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with Python 3.12 and install megatron-bolt exactly as locked in uv.lock.
-#   bash tools/setup_env.sh            # core + dev tools
-#   BOLT_EXTRAS="eval nemo" bash tools/setup_env.sh
+#   bash tools/setup_env.sh            # core + dev tools + the eval and nemo (nemo-run launcher) extras
+#   BOLT_EXTRAS="eval te" bash tools/setup_env.sh
 # Idempotent: a second run only checks that the environment matches the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +30,5 @@ export UV_PYTHON
 
 extras=()
 for e in ${BOLT_EXTRAS:-eval}; do extras+=(--extra "$e"); done
-uv sync --frozen --quiet "${extras[@]}"
+uv sync --frozen --quiet --extra nemo "${extras[@]}"
 echo "setup_env: ready ($(.venv/bin/python --version), megatron-core $(.venv/bin/python -c 'from importlib.metadata import version; print(version("megatron-core"))'))"
