@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = COMMANDS[args.command]
     from megatron_bolt.config.loader import load_config
+    from megatron_bolt.launch.cluster import split_overrides as split_cluster
     from megatron_bolt.runtime.world import world_from_env
 
     try:
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if cmd.recipe and not args.config:
             module, func = cmd.recipe.split(":")
             base = getattr(importlib.import_module(module), func)()
+        if args.command == "em":  # `bolt em --launcher slurm cluster.train.nodes=4 ...`: cluster keys go aside
+            args.overrides, args.cluster_overrides = split_cluster(args.overrides)
         cfg = load_config(args.config, args.overrides, base=base)
         if cmd.validate_early:
             cfg.validate(world_from_env().world_size)

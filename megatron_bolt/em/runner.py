@@ -150,7 +150,8 @@ def main(cfg: BoltConfig, args) -> int:
 
         try:
             path = str(Path(cfg.em.run_dir) / "config.yaml") if args.dry_run else write_config(cfg, cfg.em.run_dir)
-            done = submit_em(cfg, cfg.em.run_dir, path, args.cluster, dry_run=args.dry_run)
+            done = submit_em(cfg, cfg.em.run_dir, path, args.cluster, dry_run=args.dry_run,
+                             cluster_overrides=args.cluster_overrides)
         except (ConfigError, SubmitError) as exc:
             print(f"bolt em: {exc}", file=sys.stderr)
             return 2
