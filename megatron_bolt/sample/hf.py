@@ -44,6 +44,18 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return out
 
 
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row (argmax when greedy), row b drawn with its own generator ``gens[b]``.
+
+    ``logits`` may be raw log-probabilities: softmax and argmax are invariant to the per-row shift.
+    """
+    filtered = filter_logits(logits, params)
+    if params.temperature == 0:
+        return filtered.argmax(-1)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
+
+
 class HFBackend:
     """Samples with ``AutoModelForCausalLM`` from ``model_dir`` (see the module docstring)."""
 
@@ -121,7 +133,7 @@ class HFBackend:
         logits = out.logits[:, -1].float()
         for _ in range(params.max_tokens):
             raw = torch.log_softmax(logits, dim=-1)
-            chosen = self._choose(logits, params, [gens[a] for a in active])
+            chosen = choose_tokens(logits, params, [gens[a] for a in active])
             picked = raw.gather(-1, chosen[:, None])[:, 0].tolist()
             stopped = torch.isin(chosen, stop_ids).tolist()
             keep = []
@@ -145,14 +157,6 @@ class HFBackend:
                              past_key_values=cache, use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1].float()
         return [Generation(tokens[i], logps[i], reasons[i]) for i in range(n)]  # type: ignore[arg-type]
-
-    @staticmethod
-    def _choose(logits: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
-        filtered = filter_logits(logits, params)
-        if params.temperature == 0:
-            return filtered.argmax(-1)
-        probs = torch.softmax(filtered, dim=-1)
-        return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(gens)])
 
     def _hit_stop_string(self, tokens: list[int], stops: tuple[str, ...]) -> bool:
         tail = self.tokenizer.decode(tokens[-32:], skip_special_tokens=False)

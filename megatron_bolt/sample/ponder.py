@@ -23,7 +23,7 @@ import copy
 
 import torch
 
-from megatron_bolt.sample.hf import filter_logits, sample_seed
+from megatron_bolt.sample.hf import choose_tokens, sample_seed
 from megatron_bolt.sample.interfaces import BackendOptions, Generation, Request, SamplingParams
 
 _PRECISION = {"auto": None, "float32": "fp32", "bfloat16": "bf16"}
@@ -114,7 +114,7 @@ class PonderBackend:
         active = list(range(n))  # sample index of each batch row
         for position in range(len(prompt), len(prompt) + params.max_tokens):
             raw = self.decoder.logprobs(hidden)
-            chosen = _choose(raw, params, [gens[a] for a in active])
+            chosen = choose_tokens(raw, params, [gens[a] for a in active])
             picked = raw.gather(-1, chosen[:, None])[:, 0].tolist()
             keep = []
             for row, a in enumerate(active):
@@ -134,15 +134,6 @@ class PonderBackend:
                 chosen, active = chosen[rows], [active[r] for r in keep]
             hidden = self.decoder.step(cache, chosen, position)
         return [Generation(tokens[j], logps[j], reasons[j]) for j in range(n)]  # type: ignore[arg-type]
-
-
-def _choose(raw: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
-    """Next token per row from raw log-probabilities (softmax-invariant, so they stand in for logits)."""
-    filtered = filter_logits(raw, params)
-    if params.temperature == 0:
-        return filtered.argmax(-1)
-    probs = torch.softmax(filtered, dim=-1)
-    return torch.cat([torch.multinomial(probs[row], 1, generator=g) for row, g in enumerate(gens)])
 
 
 def _inference_config(saved, options: BackendOptions, world_size: int):
