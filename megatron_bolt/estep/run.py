@@ -30,7 +30,6 @@ in the next dataset; it is counted, not dropped silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -63,8 +62,8 @@ STAGES = ("all", "sample", "score", "merge")
 
 
 def chunk_seed(seed: int, doc_id: int, chunk_index: int) -> int:
-    digest = hashlib.sha256(f"bolt-sample/{seed}/{doc_id}/{chunk_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The sampling seed of one chunk (63 bits: engines take a signed 64-bit seed)."""
+    return weights.chunk_key("sample", seed, doc_id, chunk_index) >> 1
 
 
 def _dump(obj: Any) -> str:
@@ -127,6 +126,7 @@ def _backend_options(cfg: BoltConfig):
 
 
 def _tokenizer(ckpt: str):
+    """(checkpoint step directory, its tokenizer)."""
     from megatron_bolt.convert.hf_io import find_tokenizer, load_checkpoint_config
     from megatron_bolt.data.tokenizer import BoltTokenizer
 
@@ -134,7 +134,7 @@ def _tokenizer(ckpt: str):
     tok_dir = find_tokenizer(root, saved)
     if tok_dir is None:
         raise EStepError(f"{root} has no tokenizer/ and data.tokenizer is unset: the E-step needs the tokenizer")
-    return step, saved, BoltTokenizer.from_pretrained(tok_dir)
+    return step, BoltTokenizer.from_pretrained(tok_dir)
 
 
 def _hf_dir(ckpt: str, hf_dir: str | None, out: Path) -> str:
@@ -246,14 +246,13 @@ def sample_shard(cfg: BoltConfig, backend, tokenizer, shard: int, out: Path) -> 
     return meta
 
 
-def run_sample(cfg: BoltConfig, ckpt: str, hf_dir: str | None, shards: list[int]) -> None:
+def run_sample(cfg: BoltConfig, ckpt: str, hf_dir: str | None, shards: list[int], tokenizer) -> None:
     from megatron_bolt.sample.interfaces import BackendUnavailable, load_backend
 
     out = Path(cfg.estep.output_dir)
     pending = [s for s in shards if not (stage_dir(out, "samples") / f"{shard_name(s)}.jsonl").is_file()]
     if not pending:
         return
-    _, _, tokenizer = _tokenizer(ckpt)
     model_dir = _hf_dir(ckpt, hf_dir, out)
     try:
         backend = load_backend(cfg.estep.sampling.backend, model_dir, _backend_options(cfg))
@@ -323,13 +322,12 @@ def score_shard(cfg: BoltConfig, run: BoltConfig, model, tokenizer, shard: int, 
     torch.distributed.barrier()
 
 
-def run_score(cfg: BoltConfig, ckpt: str, shards: list[int]) -> None:
+def run_score(cfg: BoltConfig, ckpt: str, shards: list[int], tokenizer) -> None:
     import torch
 
     from megatron_bolt.score.scorer import loaded_model
 
     out = Path(cfg.estep.output_dir)
-    _, _, tokenizer = _tokenizer(ckpt)
     with loaded_model(cfg, ckpt) as (run, model, world, _, _):
         torch.distributed.barrier()  # every rank's sampling (stage all) has finished
         pending = [s for s in shards if not (stage_dir(out, "scores") / f"{shard_name(s)}.jsonl").is_file()]
@@ -453,19 +451,20 @@ def run_estep(cfg: BoltConfig, ckpt: str, hf_dir: str | None = None, stage: str 
     if shard is not None and not 0 <= shard < e.num_shards:
         raise EStepError(f"--shard {shard} is outside [0, estep.num_shards={e.num_shards})")
     out = Path(e.output_dir)
+    step, tokenizer = _tokenizer(ckpt)
     if (out / "estep.json").is_file() and stage in ("all", "merge"):
-        _claim(out, _params(cfg, _tokenizer(ckpt)[0]))
+        _claim(out, _params(cfg, step))
         return json.loads((out / "estep.json").read_text(encoding="utf-8"))
-    step, saved, tokenizer = _tokenizer(ckpt)
     if stage in ("all", "sample"):
         _sampling_params(cfg, tokenizer.ids)  # refuse a proposal whose log q is not exact before any work
     _claim(out, _params(cfg, step))
     world = world_from_env()
     shards = [shard] if shard is not None else list(range(e.num_shards))
     if stage in ("all", "sample"):
-        run_sample(cfg, ckpt, hf_dir, shards if shard is not None else shards[world.rank::world.world_size])
+        run_sample(cfg, ckpt, hf_dir, shards if shard is not None else shards[world.rank::world.world_size],
+                   tokenizer)
     if stage in ("all", "score"):
-        run_score(cfg, ckpt, shards)
+        run_score(cfg, ckpt, shards, tokenizer)
     if stage in ("all", "merge") and world.rank == 0:
         summary = run_merge(cfg, tokenizer)
         log.info("estep: %d chunks, %d with a latent, %d without a valid sample, %d too long; mean ESS %s; "

@@ -21,10 +21,15 @@ def log_weights(log_p: list[float | None], log_q: list[float | None]) -> list[fl
     return [p - q if p is not None and q is not None else -math.inf for p, q in zip(log_p, log_q, strict=True)]
 
 
+def chunk_key(purpose: str, seed: int, doc_id: int, chunk_index: int) -> int:
+    """A 64-bit integer that depends only on its arguments: per-chunk randomness is the same in any shard."""
+    digest = hashlib.sha256(f"bolt-{purpose}/{seed}/{doc_id}/{chunk_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 def chunk_rng(seed: int, doc_id: int, chunk_index: int) -> np.random.Generator:
-    """A generator that depends only on (seed, doc_id, chunk_index): the draw is the same in any shard."""
-    digest = hashlib.sha256(f"bolt-resample/{seed}/{doc_id}/{chunk_index}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    """The resampling generator of one chunk."""
+    return np.random.default_rng(chunk_key("resample", seed, doc_id, chunk_index))
 
 
 def normalized(log_w: list[float]) -> np.ndarray | None:
