@@ -40,7 +40,7 @@ def _manifest_path(run_dir: Path, stage: Stage) -> Path:
 
 def _finished(run_dir: Path, stage: Stage) -> dict[str, Any] | None:
     path = _manifest_path(run_dir, stage)
-    if not path.is_file() or not all(Path(o).exists() for o in stage.outputs):
+    if not path.is_file() or not stage.finished():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -72,8 +72,8 @@ def run_plan(cfg: BoltConfig) -> tuple[Path, list[Stage], dict[str, float]]:
         start = time.perf_counter()
         run_stage(stage)
         seconds[stage.name] = round(time.perf_counter() - start, 2)
-        missing = [o for o in stage.outputs if not Path(o).exists()]
-        if missing:
+        if not stage.finished():
+            missing = [o for o in stage.outputs if not Path(o).exists()]
             raise EMError(f"stage {stage.name} exited cleanly but did not write {missing}")
         _manifest_path(run_dir, stage).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(_manifest_path(run_dir, stage), json.dumps(
