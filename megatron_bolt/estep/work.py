@@ -68,6 +68,11 @@ def iter_documents(patterns: list[str]) -> Iterator[tuple[int, list[str]]]:
                 yield doc_id, chunks
 
 
+def _selected(chunks: list[str], pattern: re.Pattern | None) -> list[int]:
+    """Indices of the chunks that get latents."""
+    return [c for c, text in enumerate(chunks) if pattern is None or pattern.search(text)]
+
+
 def shard_items(patterns: list[str], tokenizer: BoltTokenizer, shard: int, num_shards: int,
                 prefix_chunks: int, chunk_pattern: str | None) -> Iterator[Item]:
     """The items of one shard, in order."""
@@ -75,7 +80,7 @@ def shard_items(patterns: list[str], tokenizer: BoltTokenizer, shard: int, num_s
     for position, (doc_id, chunks) in enumerate(iter_documents(patterns)):
         if position % num_shards != shard:
             continue
-        wanted = [c for c, text in enumerate(chunks) if pattern is None or pattern.search(text)]
+        wanted = _selected(chunks, pattern)
         if not wanted:
             continue
         ids = [tokenizer.encode(text) for text in chunks]
@@ -89,8 +94,7 @@ def all_keys(patterns: list[str], num_shards: int, chunk_pattern: str | None) ->
     pattern = re.compile(chunk_pattern) if chunk_pattern else None
     keys: list[list[tuple[int, int]]] = [[] for _ in range(num_shards)]
     for position, (doc_id, chunks) in enumerate(iter_documents(patterns)):
-        keys[position % num_shards].extend(
-            (doc_id, c) for c, text in enumerate(chunks) if pattern is None or pattern.search(text))
+        keys[position % num_shards].extend((doc_id, c) for c in _selected(chunks, pattern))
     return keys
 
 
