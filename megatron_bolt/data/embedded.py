@@ -89,8 +89,8 @@ class Problem:
         return int.from_bytes(hashlib.blake2b(key, digest_size=4).digest(), "big") % HELD_OUT_EVERY == 0
 
 
-def random_problem(rng: random.Random) -> Problem:
-    template = rng.choice(TEMPLATES)
+def random_problem(rng: random.Random, templates: tuple[str, ...] = TEMPLATES) -> Problem:
+    template = rng.choice(templates)
     if template == "add_mul":
         return Problem(template, rng.randint(10, 49), rng.randint(10, 49), rng.randint(2, 9))
     a, b = rng.randint(10, 99), rng.randint(2, 9)
@@ -98,10 +98,10 @@ def random_problem(rng: random.Random) -> Problem:
     return Problem(template, a, b, c)
 
 
-def training_problems(rng: random.Random) -> Iterator[Problem]:
+def training_problems(rng: random.Random, templates: tuple[str, ...] = TEMPLATES) -> Iterator[Problem]:
     """An endless stream of problems outside the held-out set."""
     while True:
-        problem = random_problem(rng)
+        problem = random_problem(rng, templates)
         if not problem.is_held_out():
             yield problem
 
@@ -133,26 +133,36 @@ def _distinct(problems: Iterator[Problem], count: int) -> list[Problem]:
     raise ValueError(f"could not draw {count} distinct problems: the problem space is too small")
 
 
+def _check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = [t for t in templates if t not in TEMPLATES]
+    if not templates or unknown:
+        raise ValueError(f"templates must be a non-empty subset of {TEMPLATES}, got {templates}")
+    return tuple(templates)
+
+
 def iter_documents(num_docs: int, seed: int = 0, min_problems: int = 2, max_problems: int = 4,
-                   pool_size: int | None = None) -> Iterator[EmbeddedDoc]:
+                   pool_size: int | None = None, templates: tuple[str, ...] = TEMPLATES) -> Iterator[EmbeddedDoc]:
     """``num_docs`` documents, deterministic in ``seed``; ``pool_size`` limits the distinct problems
-    (a data-constrained corpus where each problem recurs, as in the toy study's 3,000)."""
+    (a data-constrained corpus where each problem recurs, as in the toy study's 3,000); ``templates``
+    limits the problem kinds (the toy study used ``mul_add`` alone)."""
+    templates = _check_templates(templates)
     if not 1 <= min_problems <= max_problems:
         raise ValueError(f"need 1 <= min_problems <= max_problems, got {min_problems}, {max_problems}")
     if pool_size is not None and pool_size < 1:
         raise ValueError(f"pool_size={pool_size} must be at least 1")
     rng = random.Random(seed)
-    source = training_problems(random.Random(f"embedded-train/{seed}"))
+    source = training_problems(random.Random(f"embedded-train/{seed}"), templates)
     pool = _distinct(source, pool_size) if pool_size is not None else None
     for _ in range(num_docs):
         n = rng.randint(min_problems, max_problems)
         yield make_document([rng.choice(pool) for _ in range(n)] if pool else list(islice(source, n)))
 
 
-def eval_problems(num: int, seed: int = 0) -> list[Problem]:
+def eval_problems(num: int, seed: int = 0, templates: tuple[str, ...] = TEMPLATES) -> list[Problem]:
     """``num`` distinct held-out problems (never in any training document)."""
     rng = random.Random(f"embedded-eval/{seed}")
-    held_out = (p for p in iter(lambda: random_problem(rng), None) if p.is_held_out())
+    templates = _check_templates(templates)
+    held_out = (p for p in iter(lambda: random_problem(rng, templates), None) if p.is_held_out())
     return _distinct(held_out, num) if num else []
 
 
@@ -199,13 +209,14 @@ def _write_line(f, obj: dict[str, Any]) -> None:
 
 def generate_embedded(out_dir: str | Path, num_docs: int, seed: int = 0, num_eval: int = 200,
                       min_problems: int = 2, max_problems: int = 4, pool_size: int | None = None,
-                      vocab_size: int = 300) -> EmbeddedCorpus:
+                      vocab_size: int = 300, templates: tuple[str, ...] = TEMPLATES) -> EmbeddedCorpus:
     """Write the corpus, teacher latents, eval set and tokenizer (see the module docstring)."""
     from megatron_bolt.data.tokenizer import train_embedded_tokenizer
 
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    docs_args = (num_docs, seed, min_problems, max_problems, pool_size)
+    templates = _check_templates(tuple(templates))
+    docs_args = (num_docs, seed, min_problems, max_problems, pool_size, templates)
     chunks = latents = 0
     with atomic_open(root / "corpus.jsonl") as corpus, atomic_open(root / "latents.jsonl") as teacher:
         for doc_id, doc in enumerate(iter_documents(*docs_args)):
@@ -215,7 +226,7 @@ def generate_embedded(out_dir: str | Path, num_docs: int, seed: int = 0, num_eva
                 _write_line(teacher, {"doc_id": doc_id, "chunk_index": chunk_index, "latent": latent})
                 latents += 1
     with atomic_open(root / "eval.jsonl") as held_out:
-        for p in eval_problems(num_eval, seed):
+        for p in eval_problems(num_eval, seed, templates):
             _write_line(held_out, {"question": p.question + "\n\n", "answer": f"{p.answer:03d}",
                                    "latent": p.latent, "template": p.template})
     sample = islice(iter_documents(*docs_args), TOKENIZER_SAMPLE_DOCS)
@@ -225,6 +236,6 @@ def generate_embedded(out_dir: str | Path, num_docs: int, seed: int = 0, num_eva
                             root / "tokenizer", num_docs, chunks, latents, num_eval)
     manifest = {"seed": seed, "num_docs": num_docs, "num_chunks": chunks, "num_latents": latents,
                 "num_eval": num_eval, "min_problems": min_problems, "max_problems": max_problems,
-                "pool_size": pool_size, "vocab_size": vocab_size, "chunk_lambda": 0}
+                "pool_size": pool_size, "vocab_size": vocab_size, "templates": list(templates), "chunk_lambda": 0}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return result

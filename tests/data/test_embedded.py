@@ -94,6 +94,22 @@ def test_pool_size_limits_the_distinct_problems():
         next(iter_documents(1, pool_size=0))
 
 
+def test_templates_restrict_the_problem_kinds_of_documents_and_evaluation(tmp_path):
+    corpus = generate_embedded(tmp_path / "c", num_docs=60, seed=2, num_eval=20, min_problems=1, max_problems=1,
+                               templates=("mul_sub",))
+    docs = lines(corpus.corpus)
+    assert len(docs) == 60 and all(len(chunk_text(d["text"], lam=0)) == 2 for d in docs)
+    assert all(re.fullmatch(r"Q: \d{3}\*\d{3}-\d{3}=\?", d["text"].split("\n\n")[0]) for d in docs)
+    assert {e["template"] for e in load_eval(corpus.eval)} == {"mul_sub"}
+    assert json.loads((corpus.root / "manifest.json").read_text())["templates"] == ["mul_sub"]
+    # The default keeps every template and the same stream as before the option existed.
+    assert [d.text for d in iter_documents(5, seed=1)] == [
+        d.text for d in iter_documents(5, seed=1, templates=("mul_add", "mul_sub", "add_mul"))]
+    for bad in ((), ("div",)):
+        with pytest.raises(ValueError, match="templates"):
+            next(iter_documents(1, templates=bad))
+
+
 @pytest.mark.parametrize(("completion", "answer", "ok"), [
     ("A: 160.", "160", True),
     ("A: 036.", "36", True),
