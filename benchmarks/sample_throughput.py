@@ -19,6 +19,7 @@ import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -91,18 +92,20 @@ def main() -> None:
     parser.add_argument("--out", help="Write the results as JSON here.")
     args = parser.parse_args()
     p = PRESETS[args.preset]
-    results = []
+    results, skipped, failed = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         write_model(p, tmp)
         for name in (n for n in BACKENDS if n in ("hf", "trtllm", "vllm")):
             ok, why = backend_available(name)
             if not ok:
                 print(f"{name:7s} skipped: {why}")
+                skipped[name] = why
                 continue
             try:
                 results.append(measure(name, tmp, p, args.batch))
             except Exception as exc:  # report and go on: one broken engine must not hide the others
                 print(f"{name:7s} failed: {type(exc).__name__}: {exc}")
+                failed[name] = f"{type(exc).__name__}: {exc}"
     base = next((r for r in results if r["backend"] == "hf"), None)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     print(f"\npreset {args.preset} on {device}: {p.prompts} prompts x K={p.samples}, prompt {p.prompt_len} "
@@ -114,8 +117,11 @@ def main() -> None:
         print(f"{r['backend']:8s} {r['seconds']:8.2f} {r['prompts_per_s']:10.2f} {r['generated_tokens_per_s']:10.0f} "
               f"{ratio:6.2f}")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "shape": asdict(p), "device": device, "results": results}, f, indent=1)
+            json.dump({"preset": args.preset, "shape": asdict(p), "device": device, "batch": args.batch,
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results,
+                       "skipped": skipped, "failed": failed}, f, indent=1)
 
 
 if __name__ == "__main__":

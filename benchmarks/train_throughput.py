@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/train_throughput.py --preset cpu-tiny --out runs/throughput-cpu.json
     python3 benchmarks/train_throughput.py --preset tinyllama-h100 --out throughput.json [--profile]
+    python3 benchmarks/train_throughput.py --preset tinyllama-h100 --bolt-impl transformer_engine [--fp8] --out te.json
 
 Three training loops run one after another in this process, on the same model shape, the same random
 token batch and the same optimiser settings (AdamW, clip 1.0):
 
 - ``bolt``: our path (``build_model`` + ``wrap_ddp`` + ``build_optimizer`` + ``build_scheduler`` +
-  ``train_step``), local layer spec with SDPA attention;
+  ``train_step``), local layer spec with SDPA attention; ``--bolt-impl transformer_engine`` builds it on the
+  TE spec instead and ``--fp8`` adds ``train.precision=fp8`` (both need Transformer Engine; the other
+  loops stay bf16, and MFU is still against the bf16 dense peak);
 - ``bare``: a minimal loop written directly against megatron-core (GPTModel on megatron's own
   ``get_gpt_layer_local_spec``, Float16Module, DDP, ``get_megatron_optimizer``,
   ``get_forward_backward_func``); ``bare-te`` adds the Transformer Engine spec where TE is importable.
@@ -79,6 +82,8 @@ class Settings:
     global_batch: int
     bf16: bool
     recompute: str = "none"
+    transformer_impl: str = "local"  # bolt loop only
+    fp8: bool = False  # bolt loop only: train.precision=fp8 (TE spec)
     warmup: int = 3
     steps: int = 10
 
@@ -139,10 +144,12 @@ def bolt_config(s: Settings):
     m = s.shape
     model = ModelConfig(num_layers=m.layers, hidden_size=m.hidden, num_attention_heads=m.heads,
                         num_query_groups=m.kv_heads, ffn_hidden_size=m.ffn, vocab_size=m.vocab,
-                        make_vocab_size_divisible_by=m.vocab_multiple, max_position_embeddings=m.seq)
+                        make_vocab_size_divisible_by=m.vocab_multiple, max_position_embeddings=m.seq,
+                        transformer_impl=s.transformer_impl)
+    precision = "fp8" if s.fp8 else "bf16" if s.bf16 else "fp32"
     train = TrainConfig(micro_batch_size=s.micro_batch, global_batch_size=s.global_batch,
                         train_iters=s.warmup + s.steps + 1, lr=1e-4, min_lr=1e-5, lr_warmup_iters=0,
-                        precision="bf16" if s.bf16 else "fp32", recompute=s.recompute)
+                        precision=precision, recompute=s.recompute)
     return BoltConfig(model=model, train=train, data=DataConfig(seq_length=m.seq))
 
 
@@ -400,7 +407,8 @@ def print_report(report: dict) -> None:
     print(f"\ndevice: {env['device']} | torch {env['torch']}{cuda} | megatron-core "
           f"{env['megatron_core']} | transformers {env['transformers']} | TE {env['transformer_engine']}")
     print(f"shape: {s['shape']} | micro-batch {s['micro_batch']}, global batch {s['global_batch']}, "
-          f"{'bf16' if s['bf16'] else 'fp32'}, recompute {s['recompute']}, {s['warmup']} warm-up + "
+          f"{'bf16' if s['bf16'] else 'fp32'}, recompute {s['recompute']}, bolt on {s['transformer_impl']}"
+          f"{' in fp8' if s['fp8'] else ''}, {s['warmup']} warm-up + "
           f"{s['steps']} timed steps")
     fl = report["flops_per_token"]
     print(f"model FLOPs/token: {fl['full'] / 1e9:.3f} G (causal attention in full), "
@@ -448,6 +456,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, help="Override the preset's global batch size.")
     p.add_argument("--recompute", choices=["none", "selective", "full"],
                    help="Activation recompute of the megatron loops; HF checkpoints layers for 'full' only.")
+    p.add_argument("--bolt-impl", choices=["local", "transformer_engine"],
+                   help="Layer implementation of the bolt loop (default local; transformer_engine needs TE).")
+    p.add_argument("--fp8", action="store_true", help="bolt loop in FP8 (train.precision=fp8; needs TE, Hopper).")
     p.add_argument("--warmup", type=int, help="Untimed steps per loop.")
     p.add_argument("--steps", type=int, help="Timed steps per loop.")
     p.add_argument("--peak-tflops", type=float, help="Peak for MFU (default: bf16 dense of a known GPU).")
@@ -457,10 +468,15 @@ def parse_args() -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides = {"micro_batch": args.micro_batch, "global_batch": args.global_batch,
-                 "recompute": args.recompute, "warmup": args.warmup, "steps": args.steps}
+                 "recompute": args.recompute, "warmup": args.warmup, "steps": args.steps,
+                 "transformer_impl": "transformer_engine" if args.fp8 else args.bolt_impl, "fp8": args.fp8 or None}
     s = dataclasses.replace(PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None})
     if s.bf16 and not on_gpu():
         raise SystemExit(f"--preset {args.preset} trains in bf16 and needs a GPU")
+    if (s.fp8 or s.transformer_impl != "local") and te_status() != "importable":
+        raise SystemExit(f"--bolt-impl transformer_engine / --fp8 need Transformer Engine, which is {te_status()}")
+    if s.fp8 and not s.bf16:
+        raise SystemExit("--fp8 needs a bf16 preset on a GPU")
     if args.profile and not on_gpu():
         raise SystemExit("--profile sorts GPU kernel time and needs a GPU")
     if s.global_batch % s.micro_batch:
