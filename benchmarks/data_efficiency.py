@@ -58,10 +58,11 @@ class Preset:
     ffn: int = 256
     seq_length: int = 128
     global_batch: int = 32
-    steps: int = 1200
+    steps: int = 1000
     lr: float = 2e-3
     ks: tuple[int, ...] = (1, 4)
     iterations: int = 3
+    warm_raw: bool = True  # the warm start also sees the bootstrap documents as raw text (em.warm_raw_bootstrap)
     seeds: tuple[int, ...] = (0, 1, 2)
     max_new_tokens: int = 32
     sample_batch: int = 64
@@ -69,7 +70,7 @@ class Preset:
 
 PRESETS = {
     "full": Preset(),
-    "quick": Preset(docs=1000, eval_questions=200, steps=300, ks=(1, 4), iterations=1, seeds=(0,)),
+    "quick": Preset(iterations=1, seeds=(0,)),
     # Plumbing only (the test suite runs it): every arm and stage, seconds of training, no effect expected.
     "smoke": Preset(docs=120, eval_questions=20, layers=1, hidden=32, heads=2, ffn=64, global_batch=4, steps=6,
                     ks=(1, 2), iterations=1, seeds=(0,), max_new_tokens=28, sample_batch=32),
@@ -94,7 +95,8 @@ def bolt_config(p: Preset, corpus: Path, seed: int) -> dict[str, Any]:
                   "sampling": {"backend": "hf", "device": "cpu", "num_samples": max(p.ks),
                                "max_new_tokens": p.max_new_tokens, "batch_size": p.sample_batch,
                                "max_batch_size": 256, "seed": 11 + seed}},
-        "em": {"iterations": p.iterations, "keep_warm_latents": True, "restart_from_base": True},
+        "em": {"iterations": p.iterations, "keep_warm_latents": True, "restart_from_base": True,
+               "warm_raw_bootstrap": p.warm_raw},
         "eval": {"task": "embedded", "latent": True, "backend": "hf", "batch_size": 200,
                  "max_new_tokens": p.max_new_tokens + 8, "data_path": str(corpus / "eval.jsonl")},
     }
@@ -333,6 +335,8 @@ def apply_overrides(p: Preset, items: list[str]) -> Preset:
         current = getattr(p, key)
         if isinstance(current, tuple):
             p = replace(p, **{key: tuple(type(current[0])(v) for v in value.split(",") if v)})
+        elif isinstance(current, bool):
+            p = replace(p, **{key: value.lower() in ("1", "true", "yes")})
         else:
             p = replace(p, **{key: type(current)(value)})
     return p

@@ -209,6 +209,10 @@ class EMConfig:
     keep_warm_latents: bool = opt(
         False, "Also train every bootstrap M-step on the warm-start split with its teacher latents."
     )
+    warm_raw_bootstrap: bool = opt(
+        False, "Also train the warm start on the bootstrap documents as raw text (no latents): a model trained "
+        "from scratch has then seen all the raw data, as the paper's pretrained base has.",
+    )
     heldout_documents: list[str] = opt(
         [], "Prepared held-out documents for ELBO diagnostics after every iteration (empty: skip)."
     )

@@ -148,7 +148,7 @@ def build_plan(cfg: BoltConfig, run_dir: str, config_path: str) -> list[Stage]:
             estep(i, "heldout", "all", i, em.heldout_documents, path(i, "heldout"), export, "sample",
                   extra=(override("estep.num_shards", 1),))
 
-    m_step(0, em.warm_documents, em.warm_latents, None)
+    m_step(0, em.warm_documents + (em.bootstrap_documents if em.warm_raw_bootstrap else []), em.warm_latents, None)
     for i in range(1, em.iterations + 1):
         out, shards = path(i, "estep"), cfg.estep.num_shards
         docs = em.bootstrap_documents

@@ -115,6 +115,13 @@ def test_keep_warm_latents(keep):
         assert build["build.latents"] == f"[{R}/iter1/estep/latents.jsonl]"
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_warm_raw_bootstrap_adds_the_bootstrap_documents_without_latents(raw):
+    build = _overrides(_by_name(build_plan(_cfg(warm_raw_bootstrap=raw), R, CFG))["iter0/build"])
+    assert build["build.documents"] == ("[data/warm,data/boot-a,data/boot-b]" if raw else "[data/warm]")
+    assert build["build.latents"] == "[data/warm_latents.jsonl]"
+
+
 def test_every_argv_parses_and_loads(tmp_path):
     """The argv reach the real parser and loader: flags exist, overrides name real keys with the right types."""
     cfg = _cfg(heldout_documents=["data/heldout"], base_checkpoint="ckpt/base", keep_warm_latents=True)
