@@ -210,8 +210,36 @@ def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def latent_quality(corpus: Path, latents: Path) -> dict[str, float] | None:
+    """How the E-step's chosen latents compare with the teacher's working on the same chunks.
+
+    Fractions of chunks whose latent is the teacher's exactly, copies the question's three operands into the
+    teacher's positions, and ends on the teacher's result (the answer, which the posterior sees).
+    """
+    import re
+
+    from megatron_bolt.data.tokenizer import BoltTokenizer
+
+    if not latents.is_file():
+        return None
+    tok = BoltTokenizer.from_pretrained(corpus / "tokenizer")
+    with open(corpus / "latents.jsonl", encoding="utf-8") as f:
+        teacher = {(r["doc_id"], r["chunk_index"]): r["latent"] for r in map(json.loads, f)}
+    exact = operands = final = n = 0
+    with open(latents, encoding="utf-8") as f:
+        for r in map(json.loads, f):
+            want, got = teacher[(r["doc_id"], r["chunk_index"])], tok.decode(r["latent_token_ids"]).strip()
+            w, g = re.findall(r"\d+", want), re.findall(r"\d+", got)
+            n += 1
+            exact += got == want
+            operands += len(g) == len(w) and all(g[i] == w[i] for i in (0, 1, 4))
+            final += bool(g) and g[-1] == w[-1]
+    return {"teacher_exact": exact / n, "operands": operands / n, "final": final / n} if n else None
+
+
 def run_points(p: Preset, out: Path, seed: int) -> list[dict[str, Any]]:
-    """One row per (arm, iteration) of one seed: accuracy (+ Wilson interval), ELBO, final loss."""
+    """One row per (arm, iteration) of one seed: accuracy (+ Wilson interval), ELBO, final loss, and for
+    BoLT iterations the quality of the latents they were trained on."""
     from megatron_bolt.train.loop import read_metrics
 
     def point(arm: str, iteration: int | None, run: Path, heldout: Path | None) -> dict[str, Any] | None:
@@ -231,7 +259,10 @@ def run_points(p: Preset, out: Path, seed: int) -> list[dict[str, Any]]:
     for k in p.ks:
         for i in range(1, p.iterations + 1):
             it = out / f"seed{seed}" / f"bolt-k{k}" / f"iter{i}"
-            rows.append(point(f"bolt-k{k}", i, it, it / "heldout" / "estep.json"))
+            row = point(f"bolt-k{k}", i, it, it / "heldout" / "estep.json")
+            if row is not None:
+                row["latents"] = latent_quality(out / "corpus", it / "estep" / "latents.jsonl")
+            rows.append(row)
     return [r for r in rows if r is not None]
 
 
@@ -254,7 +285,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (arm, it), rs in groups.items():
         acc = mean_ci([r["accuracy"]["value"] for r in rs])
         elbos = [r["elbo"] for r in rs if r["elbo"] is not None and math.isfinite(r["elbo"])]
+        quality = [r["latents"] for r in rs if r.get("latents")]
         table.append({"arm": arm, "iteration": it, "seeds": len(rs), "accuracy": acc,
+                      "latents": {k: statistics.fmean(q[k] for q in quality) for k in quality[0]} if quality else None,
                       "per_seed": [r["accuracy"]["value"] for r in rs],
                       "elbo": mean_ci(elbos) if elbos else None,
                       "final_loss": statistics.fmean(r["final_loss"] for r in rs if r["final_loss"] is not None)
@@ -264,7 +297,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(table: list[dict[str, Any]], p: Preset, seconds: float) -> str:
     lines = ["| arm | iteration | seeds | held-out accuracy (95% CI) | per seed | held-out ELBO (95% CI) | "
-             "final train loss |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "final train loss | E-step latents: teacher-exact / operands / result |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         m, lo, hi = r["accuracy"]
         acc = f"{100 * m:.1f}% ({100 * lo:.1f}-{100 * hi:.1f})"
@@ -272,7 +306,9 @@ def markdown(table: list[dict[str, Any]], p: Preset, seconds: float) -> str:
         elbo = "-" if r["elbo"] is None else "{:.2f} ({:.2f} to {:.2f})".format(*r["elbo"])
         loss = "-" if r["final_loss"] is None else f"{r['final_loss']:.3f}"
         it = "-" if r["iteration"] is None else str(r["iteration"])
-        lines.append(f"| {r['arm']} | {it} | {r['seeds']} | {acc} | {per} | {elbo} | {loss} |")
+        q = r.get("latents")
+        quality = "-" if not q else " / ".join(f"{100 * q[k]:.0f}%" for k in ("teacher_exact", "operands", "final"))
+        lines.append(f"| {r['arm']} | {it} | {r['seeds']} | {acc} | {per} | {elbo} | {loss} | {quality} |")
     lines.append(f"\n{p.steps} steps x {p.global_batch} rows x {p.seq_length} tokens per training run; "
                  f"wall time {seconds / 60:.1f} min.")
     return "\n".join(lines) + "\n"
