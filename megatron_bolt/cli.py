@@ -165,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bolt {args.command}: {exc}", file=sys.stderr)
         return 2
     module, func = cmd.handler.split(":")
-    return int(getattr(importlib.import_module(module), func)(cfg, args) or 0)
+    try:
+        return int(getattr(importlib.import_module(module), func)(cfg, args) or 0)
+    except OSError as exc:  # a full disk, a read-only or missing directory: one line, not a traceback
+        from megatron_bolt.utils.atomic import describe_os_error
+
+        log.debug("bolt %s failed", args.command, exc_info=True)
+        print(f"bolt {args.command}: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -127,3 +127,19 @@ def test_submit_wrapper_reaches_the_driver(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "submit_em.sh"), "--help"], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 0 and "--dry-run" in proc.stdout and "afterok" in proc.stdout
+
+
+def test_hostile_job_variables_reach_srun_as_single_arguments(run_script, tmp_path):
+    """The job variables come from cluster settings; quoted in the scripts, they are never shell text."""
+    python = "/opt/my env/$(touch PWNED)/`touch PWNED2`/python"
+    image, mounts = "img $(touch PWNED3).sqsh", "/a b:/a b,/c:/c;touch PWNED4"
+    rc, err, calls = run_script("cpu", ["build-dataset"], BOLT_PYTHON=python, BOLT_CONTAINER_IMAGE=image,
+                                BOLT_CONTAINER_MOUNTS=mounts)
+    assert rc == 0, err
+    assert calls == [["srun", "--ntasks=1", f"--container-image={image}", f"--container-workdir={tmp_path}",
+                      f"--container-mounts={mounts}", python, "-m", "megatron_bolt.cli", "build-dataset"]]
+    rc, err, calls = run_script("train", ["train"], BOLT_PYTHON=python, GPUS_PER_NODE="8 $(touch PWNED5)",
+                                MASTER_PORT="1 `touch PWNED6`")
+    assert rc == 0, err
+    assert calls[1][3:6] == [python, "-m", "torch.distributed.run"]
+    assert "--nproc-per-node=8 $(touch PWNED5)" in calls[1] and "--rdzv-endpoint=node-a:1 `touch PWNED6`" in calls[1]

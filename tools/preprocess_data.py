@@ -24,6 +24,7 @@ from megatron_bolt.data.builder import BuildError, build_joint_dataset
 from megatron_bolt.data.corpus import CorpusError
 from megatron_bolt.data.latents import LatentError
 from megatron_bolt.data.prepare import run_prepare
+from megatron_bolt.data.tokenizer import TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
         if args.tokenizer_model:
             _build(args, result)
-    except (ConfigError, CorpusError, BuildError, LatentError, FileNotFoundError) as exc:
+    except (ConfigError, CorpusError, BuildError, LatentError, FileNotFoundError, TokenizerError) as exc:
         print(f"preprocess_data: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,14 +8,24 @@ Layout of a checkpoint root::
 Every rank writes its shards into ``ROOT/.step_00000100.partial``; after a barrier, rank 0 writes
 ``bolt_meta.json``, renames the directory into place and then rewrites ``latest`` (via a temp file and
 ``os.replace``). A crash at any point leaves either the previous ``latest`` or the new one, never a pointer
-to a half-written checkpoint; stale ``.partial`` directories are removed by the next save.
+to a half-written checkpoint; stale ``.partial`` directories are removed by the next save. A save that fails
+(disk full, directory not writable) removes its ``.partial`` directory and raises ``CheckpointError`` naming
+the step, the directory and the checkpoint that is still the latest.
 Tensors are resharded on load, so a checkpoint saved at one TP/PP layout loads at another.
+
+Loading is safe for checkpoints from elsewhere: tensors and random states are read with
+``torch.load(weights_only=True)``, and the one file torch.distributed.checkpoint reads with plain
+``pickle.load`` (``.metadata``) is first run through a restricted unpickler that only resolves checkpoint
+metadata classes, so a crafted file is refused before it can run code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -24,6 +34,7 @@ from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_bolt.utils.atomic import write_text_atomic
 
@@ -123,30 +134,61 @@ def save(root: str | Path, step: int, sharded_state_dict: dict[str, Any], meta: 
     root = Path(root)
     final = step_dir(root, step)
     partial = root / f".{final.name}.partial"
-    if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
-        partial.mkdir()
-    _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(partial), content_metadata=dict(CONTENT_METADATA))
-    if save_rng:
-        _rng_file(partial, _rank()).parent.mkdir(exist_ok=True)
-        torch.save(rng_state(), _rng_file(partial, _rank()))
-    _barrier()
-    if _rank() == 0:
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        meta = {"step": step, "world_size": world, **(meta or {})}
-        write_text_atomic(partial / META, json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_text_atomic(root / "latest", final.name + "\n")
-        if keep_last:
-            for old in list_steps(root)[:-keep_last]:
-                shutil.rmtree(step_dir(root, old), ignore_errors=True)
+    try:
+        if _rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".step_*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir()
+        _barrier()
+        dist_checkpointing.save(sharded_state_dict, str(partial), content_metadata=dict(CONTENT_METADATA))
+        if save_rng:
+            _rng_file(partial, _rank()).parent.mkdir(exist_ok=True)
+            torch.save(rng_state(), _rng_file(partial, _rank()))
+        _barrier()
+        if _rank() == 0:
+            _publish(root, partial, final, step, meta, keep_last)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # frees what it held on a full disk
+        raise CheckpointError(_save_failed(root, step, exc)) from exc
     _barrier()
     return final
+
+
+def _publish(root: Path, partial: Path, final: Path, step: int, meta: dict[str, Any] | None,
+             keep_last: int | None) -> None:
+    """Rank 0, after every rank wrote its shards: metadata, rename into place, then ``latest``."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    meta = {"step": step, "world_size": world, **(meta or {})}
+    write_text_atomic(partial / META, json.dumps(meta, indent=2, sort_keys=True))
+    if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    write_text_atomic(root / "latest", final.name + "\n")
+    if keep_last:
+        for old in list_steps(root)[:-keep_last]:
+            shutil.rmtree(step_dir(root, old), ignore_errors=True)
+
+
+def _save_failed(root: Path, step: int, exc: BaseException) -> str:
+    """The one-line error of a failed save: the cause, the free space, and what is still loadable."""
+    cause = exc
+    if isinstance(exc, CheckpointException) and exc.failures:  # the first rank's own error
+        cause = next(iter(exc.failures.values()))[0]
+    lines = str(cause).strip().splitlines()
+    reason = f"{type(cause).__name__}: {lines[0].strip(chr(34)) if lines else repr(cause)}"
+    try:
+        reason += f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        pass
+    try:
+        latest = (root / "latest").read_text().strip()
+    except OSError:
+        latest = ""
+    kept = (f"the latest complete checkpoint is still {root / latest}: free space or fix permissions and rerun the "
+            "same command to resume from it" if latest else "there is no earlier complete checkpoint")
+    return f"could not save the checkpoint of step {step} under {root} ({reason}); {kept}"
 
 
 def list_steps(root: str | Path) -> list[int]:
@@ -179,6 +221,49 @@ def resolve(path: str | Path) -> Path | None:
                                   "complete checkpoint; remove them to start over")
     # A new root, or one holding only what a run writes before its first save (config, metrics, logs).
     return None
+
+
+# Globals a dist_checkpointing ``.metadata`` pickle needs besides dataclasses and enums of these modules.
+_METADATA_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                     ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A global that checkpoint metadata never references (the message names it)."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only what checkpoint metadata is made of: DCP's dataclasses and enums, torch.Size, dtypes."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if module.startswith(_METADATA_MODULES):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        raise _ForbiddenGlobal(f"{module}.{name}")
+
+
+def verify_metadata(ckpt: str | Path) -> None:
+    """Refuse a checkpoint whose ``.metadata`` pickle references anything but checkpoint metadata.
+
+    torch.distributed.checkpoint reads that file with ``pickle.load``, which runs whatever a crafted file
+    asks for; the same bytes go through ``_MetadataUnpickler`` first.
+    """
+    path = Path(ckpt) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no .metadata: not a complete distributed checkpoint")
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except _ForbiddenGlobal as exc:
+        raise CheckpointError(f"{path} references {exc}, which checkpoint metadata never does: refusing to load "
+                              "it (tampered with, or not written by torch.distributed.checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse means: not loadable metadata
+        raise CheckpointError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from None
 
 
 def read_meta(ckpt: str | Path) -> dict[str, Any]:
@@ -215,6 +300,7 @@ def load(ckpt: str | Path, sharded_state_dict: dict[str, Any], strict: bool = Tr
     ckpt = Path(ckpt)
     if not (ckpt / META).is_file():
         raise CheckpointError(f"{ckpt} is not a complete bolt checkpoint (missing {META})")
+    verify_metadata(ckpt)
     check_compatible(ckpt, sharded_state_dict)
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

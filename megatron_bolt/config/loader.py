@@ -170,6 +170,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = _yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -200,8 +202,9 @@ def config_hash(cfg: Any) -> str:
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf field, for --help."""
     rows = []
+    hints = typing.get_type_hints(cls)  # once per class: it evaluates every annotation of the class
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(field_help(tp, f"{prefix}{f.name}."))
             continue

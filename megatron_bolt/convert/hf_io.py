@@ -111,7 +111,12 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    hf = json.loads(path.read_text())
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise ConversionError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path} must hold a JSON object")
     if hf.get("model_type") not in ("llama", "mistral"):
         raise ConversionError(
             f"{path}: model_type {hf.get('model_type')!r} is not supported; import-hf converts Llama-family "

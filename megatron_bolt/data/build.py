@@ -18,6 +18,7 @@ from megatron_bolt.config.schema import BoltConfig
 from megatron_bolt.data.builder import BuildError, build_joint_dataset
 from megatron_bolt.data.jsonl import expand_paths
 from megatron_bolt.data.latents import LatentError
+from megatron_bolt.data.tokenizer import TokenizerError
 
 
 def main(cfg: BoltConfig, args: argparse.Namespace) -> int:
@@ -35,7 +36,7 @@ def main(cfg: BoltConfig, args: argparse.Namespace) -> int:
                                    seed=cfg.data.seed, max_latent_tokens=b.max_latent_tokens,
                                    long_latents=b.long_latents, workers=b.workers,
                                    docs_per_task=b.docs_per_task)
-    except (FileNotFoundError, BuildError, LatentError) as exc:
+    except (FileNotFoundError, BuildError, LatentError, TokenizerError) as exc:
         print(f"bolt build-dataset: {exc}", file=sys.stderr)
         return 1
     c, t = meta["counts"], meta["tokens"]

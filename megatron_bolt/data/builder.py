@@ -36,7 +36,7 @@ import numpy as np
 
 from megatron_bolt.data.jsonl import hash_tree, iter_line_batches
 from megatron_bolt.data.latents import LatentError, LatentIndex
-from megatron_bolt.utils.atomic import write_text_atomic
+from megatron_bolt.utils.atomic import naming_write_errors, write_text_atomic
 
 if TYPE_CHECKING:
     from megatron_bolt.data.tokenizer import LatentTokenIds
@@ -163,7 +163,7 @@ def _latent_ids(obj: dict[str, Any], tokenizer: Any, spec: BuildSpec, counts: Co
 def _parse_document(line: bytes, where: str) -> tuple[int, list[str]]:
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise BuildError(f"{where}: not valid JSON ({exc})") from None
     obj = obj if isinstance(obj, dict) else {}
     doc_id, chunks = obj.get("doc_id"), obj.get("chunks")
@@ -284,15 +284,16 @@ def _write_datasets(batches: Iterable[BatchResult], prefix: str, dtype: type[np.
     totals = Totals()
     tokens_out = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     kinds_out = IndexedDatasetBuilder(f"{prefix}{KINDS_SUFFIX}.bin", dtype=np.uint8)
-    for batch in batches:
-        bounds = np.concatenate([[0], np.cumsum(batch.lengths)])
-        for k, n in enumerate(batch.lengths.tolist()):
-            tokens_out.add_document(batch.tokens[bounds[k]: bounds[k + 1]], [n])
-            kinds_out.add_document(batch.kinds[bounds[k]: bounds[k + 1]], [n])
-        totals.add(batch)
-        progress.update(batch.input_bytes)
-    tokens_out.finalize(f"{prefix}.idx")
-    kinds_out.finalize(f"{prefix}{KINDS_SUFFIX}.idx")
+    with naming_write_errors(f"{prefix}.bin"):  # a full disk: name the file (the builders' writes do not)
+        for batch in batches:
+            bounds = np.concatenate([[0], np.cumsum(batch.lengths)])
+            for k, n in enumerate(batch.lengths.tolist()):
+                tokens_out.add_document(batch.tokens[bounds[k]: bounds[k + 1]], [n])
+                kinds_out.add_document(batch.kinds[bounds[k]: bounds[k + 1]], [n])
+            totals.add(batch)
+            progress.update(batch.input_bytes)
+        tokens_out.finalize(f"{prefix}.idx")
+        kinds_out.finalize(f"{prefix}{KINDS_SUFFIX}.idx")
     return totals
 
 

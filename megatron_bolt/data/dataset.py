@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 Row = dict[str, torch.Tensor]
 
 
+class DatasetError(ValueError):
+    """A joint dataset that cannot be trained on as configured; the message names the prefix."""
+
+
 class RowSource(Protocol):
     def __getitem__(self, index: int) -> Row: ...
 
@@ -56,14 +60,15 @@ class JointDataset:
                                     "(run `bolt build-dataset`)")
         self.prefix, self.seq_length, self.seed, self.loss_on_raw = str(prefix), seq_length, seed, loss_on_raw
         self.fingerprint = meta["fingerprint"]
+        self.vocab_size = int(meta["tokenizer"]["vocab_size"])
         self._tokens = IndexedDataset(self.prefix)
         self._kinds = IndexedDataset(f"{self.prefix}{KINDS_SUFFIX}")
         self.doc_lengths = np.asarray(self._tokens.sequence_lengths, dtype=np.int64)
         if not np.array_equal(self.doc_lengths, self._kinds.sequence_lengths):
-            raise ValueError(f"{prefix}: token and segment-kind datasets disagree on document lengths")
+            raise DatasetError(f"{prefix}: token and segment-kind datasets disagree on document lengths")
         self.tokens_per_epoch = int(self.doc_lengths.sum())
         if self.tokens_per_epoch == 0 or meta["counts"]["documents"] != len(self.doc_lengths):
-            raise ValueError(f"{prefix}: empty, or its sidecar does not describe these index files")
+            raise DatasetError(f"{prefix}: empty, or its sidecar does not describe these index files")
         self.cache_dir = Path(cache_dir) if cache_dir else Path(self.prefix).parent
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -85,7 +90,7 @@ class JointDataset:
         if epoch not in self._epochs:
             path = self._cache_path(epoch)
             try:
-                table = np.load(path, mmap_mode="r")
+                table = np.load(path, mmap_mode="r", allow_pickle=False)
             except (FileNotFoundError, ValueError):
                 table = self._build_epoch(epoch)
                 self._save(path, table)
@@ -175,7 +180,7 @@ def parse_blend(entries: list[str]) -> tuple[list[str], list[float] | None]:
     if len(entries) % 2 == 0 and all(number(e) is not None for e in entries[::2]):
         return list(entries[1::2]), [float(e) for e in entries[::2]]
     if any(number(e) is not None for e in entries):
-        raise ValueError(f"data.data_prefix={entries}: give prefixes only, or weight/prefix pairs")
+        raise DatasetError(f"data.data_prefix={entries}: give prefixes only, or weight/prefix pairs")
     return list(entries), None
 
 
@@ -206,6 +211,11 @@ def build_train_dataset(cfg: BoltConfig) -> RowSource:
     d = cfg.data
     prefixes, weights = parse_blend(d.data_prefix)
     datasets = [JointDataset(p, d.seq_length, d.seed, d.loss_on_raw) for p in prefixes]
+    for prefix, ds in zip(prefixes, datasets, strict=True):
+        if ds.vocab_size > cfg.model.vocab_size:  # ids past the embedding: an index error deep in the model
+            raise DatasetError(f"{prefix} was built with a tokenizer of {ds.vocab_size} tokens but model.vocab_size="
+                               f"{cfg.model.vocab_size}: set model.vocab_size={ds.vocab_size} (or build the dataset "
+                               "with this model's tokenizer)")
     if len(datasets) == 1:
         return datasets[0]
     weights = weights or [float(ds.tokens_per_epoch) for ds in datasets]

@@ -38,7 +38,7 @@ def parse_latent(line: bytes | str, where: str) -> dict[str, Any]:
     """Decode and check one latent line; ``where`` (``path:line``) names it in errors."""
     try:
         obj = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
         raise LatentError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict) or not _is_int(obj.get("doc_id")) or not _is_int(obj.get("chunk_index")):
         raise LatentError(f"{where}: a latent line needs integer doc_id and chunk_index")

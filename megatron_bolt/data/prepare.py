@@ -197,6 +197,16 @@ def _prepare_shards(cfg: PrepareConfig, paths: list[Path], progress: bool) -> tu
     return report, counts["resumed"]
 
 
+def _refuse_unusable(cfg: PrepareConfig, counts: dict[str, Any]) -> None:
+    """Every record was skipped: almost always the wrong prepare.json_keys or format, so say so instead of
+    writing an empty output (and forget the claimed settings, so that a corrected rerun is not refused)."""
+    params_path(cfg.output_prefix).unlink(missing_ok=True)
+    reasons = ", ".join(f"{k} {v}" for k, v in counts["skipped"].items())
+    where = next(iter(counts["skip_examples"].values()), [""])[0]
+    raise CorpusError(f"none of the {counts['docs_read']} records has usable text ({reasons}; first at {where}): "
+                      f"check prepare.json_keys={cfg.json_keys} and the input format")
+
+
 def run_prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
     """The library entry behind ``bolt prepare`` and tools/preprocess_data.py."""
     if not cfg.input:
@@ -212,6 +222,8 @@ def run_prepare(cfg: PrepareConfig, progress: bool = True) -> PrepareResult:
         report = json.loads(done.read_text(encoding="utf-8"))
         return PrepareResult(report, done, len(report["shards"]), time.perf_counter() - start)
     counts, resumed = _prepare_shards(cfg, paths, progress)
+    if counts["docs_read"] and not counts["docs_valid"]:
+        _refuse_unusable(cfg, counts)
     report = {"format": FORMAT, "params": {k: v for k, v in params.items() if k not in ("format", "inputs")},
               "inputs": [p["path"] for p in params["inputs"]], **counts}
     if not report["shards"]:

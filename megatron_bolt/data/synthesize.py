@@ -105,7 +105,7 @@ def iter_jobs(cfg: SynthesizeConfig, paths: list[Path]) -> Iterator[Job]:
             try:
                 doc = json.loads(line)
                 doc_id, chunks = doc["doc_id"], doc["chunks"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
                 doc_id, chunks = None, None
             if not isinstance(doc_id, int) or not isinstance(chunks, list) or not all(
                     isinstance(c, str) for c in chunks):
@@ -237,7 +237,7 @@ class ChatClient:
                     raise ChunkFailed(f"HTTP {exc.code}: {detail}") from None
                 problem, retry_after = f"HTTP {exc.code}", exc.headers.get("Retry-After")
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
-                    json.JSONDecodeError) as exc:
+                    ValueError) as exc:  # ValueError: a body that is not JSON (or not UTF-8)
                 problem, retry_after = self.redact(f"{type(exc).__name__}: {exc}"), None
             if attempt == self.cfg.max_retries:
                 raise ChunkFailed(f"{problem} after {attempt + 1} attempts")
@@ -277,11 +277,16 @@ def _record(job: Job, response: dict[str, Any]) -> dict[str, Any]:
         raise ChunkFailed("the response has no choices[0].message.content") from None
     if not isinstance(content, str) or not content.strip():
         raise ChunkFailed(f"empty latent (finish_reason={choice.get('finish_reason')})")
-    usage = response.get("usage") or {}
+    usage = response.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+
+    def tokens(name: str) -> int:  # a server's odd usage block costs the estimate, never the latent
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
     return {"key": job.key, "doc_id": job.doc_id, "chunk_index": job.chunk_index, "latent": content,
             "finish_reason": choice.get("finish_reason"), "model": response.get("model"),
-            "usage": {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                      "completion_tokens": int(usage.get("completion_tokens") or 0)}}
+            "usage": {"prompt_tokens": tokens("prompt_tokens"), "completion_tokens": tokens("completion_tokens")}}
 
 
 def _fetch(client: ChatClient, job: Job) -> dict[str, Any]:

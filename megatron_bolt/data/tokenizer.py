@@ -37,22 +37,26 @@ class LatentTokenIds:
     eos: int
 
 
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot serve BoLT (missing, unreadable, or without the latent tokens)."""
+
+
 class BoltTokenizer:
     """A transformers fast tokenizer that holds the latent tokens, with injection-safe ``encode``."""
 
     def __init__(self, hf: Any):
         if not getattr(hf, "is_fast", False):
-            raise TypeError(f"{type(hf).__name__} is not a fast (tokenizers-backed) tokenizer")
+            raise TokenizerError(f"{type(hf).__name__} is not a fast (tokenizers-backed) tokenizer")
         self.hf = hf
         vocab = hf.get_vocab()
         missing = [t for t in LATENT_TOKENS if t not in _special_added_tokens(hf)]
         if missing:
-            raise ValueError(
+            raise TokenizerError(
                 f"tokenizer lacks the latent tokens {missing} (as special tokens): add them with "
                 "megatron_bolt.data.tokenizer.add_latent_tokens(AutoTokenizer.from_pretrained(path)).save(path)"
             )
         if hf.bos_token_id is None or hf.eos_token_id is None:
-            raise ValueError("tokenizer has no BOS or EOS token: set bos_token and eos_token first")
+            raise TokenizerError("tokenizer has no BOS or EOS token: set bos_token and eos_token first")
         self.ids = LatentTokenIds(*(vocab[t] for t in LATENT_TOKENS), bos=hf.bos_token_id,
                                   eos=hf.eos_token_id)
         # A private copy of the backend with special-token matching off: special strings in text stay text.
@@ -66,9 +70,20 @@ class BoltTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> BoltTokenizer:
+        """Load a local tokenizer directory; TokenizerError (naming ``path``) when it cannot serve BoLT."""
         from transformers import AutoTokenizer
 
-        return cls(AutoTokenizer.from_pretrained(str(path)))
+        if not Path(path).is_dir():
+            raise TokenizerError(f"tokenizer directory {path} does not exist (or is not a directory)")
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' "can't load" family
+            raise TokenizerError(f"{path}: not a loadable Hugging Face tokenizer ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+        try:
+            return cls(hf)
+        except TokenizerError as exc:
+            raise TokenizerError(f"{path}: {exc}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -79,7 +94,7 @@ class BoltTokenizer:
         """Token ids of ``text`` as plain text: no BOS/EOS, never a special-token id."""
         ids = self._backend.encode(text, add_special_tokens=False).ids
         if not self._special_ids.isdisjoint(ids):  # only a tokenizer whose merges build a special token
-            raise ValueError(f"tokenizing {text[:80]!r} produced special-token ids; this tokenizer is unsafe")
+            raise TokenizerError(f"tokenizing {text[:80]!r} produced special-token ids; this tokenizer is unsafe")
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:

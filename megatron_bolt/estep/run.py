@@ -53,7 +53,7 @@ from megatron_bolt.estep.work import (
     shard_name,
     stage_dir,
 )
-from megatron_bolt.utils.atomic import atomic_open, write_text_atomic
+from megatron_bolt.utils.atomic import atomic_open, naming_write_errors, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def sample_shard(cfg: BoltConfig, backend, tokenizer, shard: int, out: Path) -> 
     start = time.perf_counter()
     bar = tqdm(total=len(items), initial=done, desc=f"sample {shard_name(shard)}", unit="chunk",
                disable=not sys.stderr.isatty())
-    with open(partial, "a", encoding="utf-8") as f:
+    with naming_write_errors(partial), open(partial, "a", encoding="utf-8") as f:
         for first in range(done, len(items), s.batch_size):
             batch = items[first:first + s.batch_size]
             built = [posterior_prompt(item, ids, budget) for item in batch]
@@ -477,12 +477,13 @@ def run_estep(cfg: BoltConfig, ckpt: str, hf_dir: str | None = None, stage: str 
 def main(cfg: BoltConfig, args) -> int:
     from megatron_bolt.checkpoint.dist import CheckpointError
     from megatron_bolt.convert.hf_io import ConversionError
+    from megatron_bolt.data.tokenizer import TokenizerError
     from megatron_bolt.score.scorer import ScoreError
 
     stage = getattr(args, "stage", None) or "all"
     try:
         run_estep(cfg, args.ckpt, args.hf_dir, stage, args.shard)
-    except (EStepError, ScoreError, ConversionError, CheckpointError, FileNotFoundError) as exc:
+    except (EStepError, ScoreError, ConversionError, CheckpointError, FileNotFoundError, TokenizerError) as exc:
         print(f"bolt {args.command}: {exc}", file=sys.stderr)
         return 2
     return 0

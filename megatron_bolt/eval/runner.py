@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_bolt.config.schema import BoltConfig, EvalConfig
-from megatron_bolt.data.tokenizer import BoltTokenizer
+from megatron_bolt.data.tokenizer import BoltTokenizer, TokenizerError
 from megatron_bolt.eval.answers import grade
 from megatron_bolt.eval.prompts import build_prompt, load_demos, read_completion, sampling_params
 from megatron_bolt.eval.tasks import EvalDataError, load_items, load_texts
@@ -165,7 +165,7 @@ def main(cfg: BoltConfig, args) -> int:
             log.info("perplexity %.3f over %d tokens -> %s", summary["perplexity"], summary["tokens"], out_dir)
             return 0
         summary = evaluate(ev, model_dir, out_dir)
-    except (EvalDataError, ConversionError, BackendUnavailable) as exc:
+    except (EvalDataError, ConversionError, BackendUnavailable, TokenizerError) as exc:
         print(f"bolt eval: {exc}", file=sys.stderr)
         return 2
     acc = summary["accuracy"]

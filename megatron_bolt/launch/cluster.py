@@ -87,12 +87,25 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _control_characters(value: Any, key: str = "") -> list[str]:
+    """Keys whose string values hold control characters (newline, CR, NUL, ...): a job script generated from
+    them could not be quoted safely (a newline ends an ``#SBATCH`` comment line and starts a command)."""
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _control_characters(v, f"{key}{name}.")]
+    if isinstance(value, list):
+        return [k for v in value for k in _control_characters(v, key)]
+    if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return [key.rstrip(".")]
+    return []
+
+
 def load_cluster(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
     """Defaults <- YAML file <- ``key=value`` overrides (``cluster.`` prefixes are accepted and dropped)."""
     data = _merge(to_dict(ClusterConfig()), read_yaml(path) if path else {})
     plain = [o.removeprefix("cluster.") for o in overrides]
     cluster = from_dict(ClusterConfig, apply_overrides(data, plain))
-    problems = []
+    problems = [f"cluster.{key} holds a control character (newline, tab, NUL, ...): Slurm job scripts cannot carry "
+                "it safely" for key in dict.fromkeys(_control_characters(to_dict(cluster)))]
     for kind in KINDS:
         r = cluster.resources(kind)
         if r.nodes < 1:

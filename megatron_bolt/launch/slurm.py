@@ -51,8 +51,10 @@ class Submission:
     env: dict[str, str]  # the job variables it was submitted with
 
     def shell(self) -> str:
-        """The submission as one copy-pasteable shell line."""
-        return shlex.join([*(f"{k}={v}" for k, v in sorted(self.env.items())), *self.command])
+        """The submission as one copy-pasteable shell line (``VAR=value`` quoted after the ``=``: a quoted
+        ``'VAR=value'`` would be a command name to the shell, not an assignment)."""
+        env = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items())]
+        return " ".join([*env, shlex.join(self.command)])
 
 
 def job_env(cluster: ClusterConfig, kind: str) -> dict[str, str]:

@@ -246,10 +246,11 @@ def main(cfg: BoltConfig, args) -> int:
 
     from megatron_bolt.checkpoint.dist import CheckpointError
     from megatron_bolt.convert.hf_io import ConversionError
+    from megatron_bolt.data.tokenizer import TokenizerError
 
     try:
         n = score_file(cfg, args.ckpt, args.input, args.output)
-    except (ScoreError, ConversionError, CheckpointError) as exc:
+    except (ScoreError, ConversionError, CheckpointError, TokenizerError) as exc:
         print(f"bolt score: {exc}", file=sys.stderr)
         return 2
     log.info("scored %d lines -> %s", n, args.output)

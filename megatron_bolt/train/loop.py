@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from megatron_bolt.runtime import distributed
 from megatron_bolt.train.metrics import MetricsLogger
 from megatron_bolt.train.setup import build_optimizer, build_scheduler, wrap_ddp
 from megatron_bolt.train.step import train_step
+from megatron_bolt.utils.atomic import naming_write_errors, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,10 @@ def train(cfg: BoltConfig) -> list[dict]:
         step = _restore(cfg, model, optimizer, scheduler)
         if world.rank == 0 and c.save:
             Path(c.save).mkdir(parents=True, exist_ok=True)
-            (Path(c.save) / "config.yaml").write_text(dump_yaml(cfg))
+            write_text_atomic(Path(c.save) / "config.yaml", dump_yaml(cfg))  # fails here if SAVE is read-only
         batches = _batches(cfg, step)
         metrics_log = MetricsLogger(cfg, world.rank, world.world_size, step)
-        record = open(Path(c.save) / METRICS, "a", encoding="utf-8") if world.rank == 0 and c.save else None
+        record = _open_record(Path(c.save) / METRICS) if world.rank == 0 and c.save else None
         for chunk in model:
             chunk.train()
         try:
@@ -68,9 +71,10 @@ def train(cfg: BoltConfig) -> list[dict]:
                 metrics.update(step=step, seconds=time.perf_counter() - start)
                 history.append(metrics_log.step(metrics))
                 if record:
-                    record.write(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))
-                                             or v is None}) + "\n")
-                    record.flush()
+                    with naming_write_errors(record.name):
+                        record.write(json.dumps({k: v for k, v in metrics.items()
+                                                 if isinstance(v, (int, float, bool)) or v is None}) + "\n")
+                        record.flush()
                 if c.save and (step == t.train_iters or (c.save_interval and step % c.save_interval == 0)):
                     sd = ckpt.training_sharded_state_dict(model, optimizer)
                     ckpt.save(c.save, step, sd, {"scheduler": scheduler.state_dict()}, keep_last=c.keep_last,
@@ -78,8 +82,23 @@ def train(cfg: BoltConfig) -> list[dict]:
         finally:
             metrics_log.close()
             if record:
-                record.close()
+                with contextlib.suppress(OSError):  # a write that failed already raised; its retry must not mask it
+                    record.close()
     return history
+
+
+def _open_record(path: Path):
+    """SAVE/metrics.jsonl for appending. A last line cut short (a write that failed on a full disk) is ended
+    first: otherwise the next record would be glued to it and lost to ``read_metrics``."""
+    cut = False
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+    record = open(path, "a", encoding="utf-8")
+    if cut:
+        record.write("\n")
+    return record
 
 
 def read_metrics(save_dir: str | Path) -> list[dict]:
@@ -132,5 +151,15 @@ def _load(path: Path, model, optimizer, scheduler, weights_only: bool) -> int:
 
 
 def main(cfg: BoltConfig, args) -> int:
-    train(cfg)
+    """``bolt train`` handler: bad data or an incompatible checkpoint is a one-line error, not a traceback."""
+    import sys
+
+    from megatron_bolt.config.schema import ConfigError
+    from megatron_bolt.data.dataset import DatasetError
+
+    try:
+        train(cfg)
+    except (ckpt.CheckpointError, DatasetError, ConfigError, FileNotFoundError) as exc:
+        print(f"bolt train: {exc}", file=sys.stderr)
+        return 2
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -36,11 +37,12 @@ class FakeOpenAI:
     """A ThreadingHTTPServer speaking just enough of /v1/chat/completions.
 
     First attempts fail by prompt hash: 429 with Retry-After, 500, or (with ``stall_s``) an answer so late
-    that the client has timed out.
+    that the client has timed out. With ``echo_key`` the server is careless: its error bodies repeat the
+    Authorization header it got, and some first attempts get a 400 (not retried) saying so.
     """
 
-    def __init__(self, delay: float = 0.0, stall_s: float = 0.0):
-        self.delay, self.stall_s = delay, stall_s
+    def __init__(self, delay: float = 0.0, stall_s: float = 0.0, echo_key: bool = False):
+        self.delay, self.stall_s, self.echo_key = delay, stall_s, echo_key
         self.lock = threading.Lock()
         self.attempts: Counter = Counter()
         self.paid: Counter = Counter()
@@ -79,12 +81,16 @@ class FakeOpenAI:
         with self.lock:
             self.attempts[digest] += 1
             first = self.attempts[digest] == 1
+        echo = f" (request had Authorization: {auth})" if self.echo_key else ""
         if first and int(digest, 16) % 5 == 0:
             self.statuses[429] += 1
-            return 429, {"Retry-After": "0"}, {"error": "rate limited"}
+            return 429, {"Retry-After": "0"}, {"error": "rate limited" + echo}
         if first and int(digest, 16) % 5 == 1:
             self.statuses[500] += 1
-            return 500, {}, {"error": "overloaded"}
+            return 500, {}, {"error": "overloaded" + echo}
+        if first and self.echo_key and int(digest, 16) % 5 == 3:
+            self.statuses[400] += 1
+            return 400, {}, {"error": {"message": "malformed request" + echo}}
         if first and self.stall_s and int(digest, 16) % 5 == 2:  # the client times out before this answer
             self.statuses["stalled"] += 1
             time.sleep(self.stall_s)
@@ -240,3 +246,27 @@ def test_killed_run_resumes_without_paying_twice_and_never_leaks_the_key(tmp_pat
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_server_echoing_the_key_never_gets_it_into_output_logs_or_files(tmp_path, capsys, caplog):
+    """The key is redacted from every server message the run prints or logs (at DEBUG), and written nowhere."""
+    from megatron_bolt import cli
+
+    write_documents(tmp_path / "docs.jsonl", 6)
+    caplog.set_level(logging.DEBUG)
+    with FakeOpenAI(echo_key=True) as server:
+        path = tmp_path / "synth.yaml"
+        path.write_text(yaml.safe_dump({"synthesize": settings(tmp_path, server.url, max_retries=1)}))
+        argv = ["--log-level", "DEBUG", "synthesize", "--config", str(path)]
+        assert cli.main(argv) == 1  # the 400s are not retried: those chunks failed, no output yet
+        first = capsys.readouterr()
+        assert cli.main(argv) == 0  # a rerun asks again for just those, and they succeed
+        second = capsys.readouterr()
+        assert server.statuses[400] and server.statuses[429] and server.statuses[500]
+    assert "Authorization: Bearer ***" in first.err  # the server did echo it: redacted in the failure line
+    printed = first.out + first.err + second.out + second.err + caplog.text
+    assert SECRET not in printed and SECRET[8:] not in printed
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert (tmp_path / "out.jsonl") in files
+    for file in files:
+        assert SECRET.encode() not in file.read_bytes(), file

@@ -52,3 +52,13 @@ def test_non_finite_loss(trainer, monkeypatch, policy):
         assert out["skipped"] and not out["update_successful"] and out["grad_norm"] is None
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))  # no update applied
     assert scheduler.num_steps == lr_steps
+
+
+def test_metrics_record_ends_a_line_cut_by_a_failed_write_before_appending(tmp_path):
+    from megatron_bolt.train.loop import METRICS, _open_record, read_metrics
+
+    path = tmp_path / METRICS
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a write cut short by a full disk
+    with _open_record(path) as f:  # the resumed run redoes step 2
+        f.write('{"step": 2, "loss": 1.5}\n')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
